@@ -1,0 +1,1 @@
+"""mol_tune: Mixture-of-LoRA (MoL) for torchtune."""
