@@ -1,0 +1,1 @@
+"""Recipes run with `tune run mol_tune/recipes/<name> --config <yaml>`."""

@@ -1,0 +1,1 @@
+"""Training utilities of the MoL recipe: per-modality optimizer groups and losses."""
