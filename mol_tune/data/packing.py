@@ -1,0 +1,198 @@
+"""Packing of whole samples into fixed-length sequences, and collation of packed sequences into batches."""
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torchdata.nodes import BaseNode
+
+CROSS_ENTROPY_IGNORE_INDEX = -100
+
+_TOO_LONG_POLICIES = ("skip", "raise")
+
+
+class Packer(BaseNode[Dict[str, Any]]):
+    """Greedily pack whole samples from ``SampleBuilder`` into sequences of ``seq_len`` tokens.
+
+    Samples are taken in order and appended while they fit. The first sample that does not fit
+    closes the sequence, which is padded with ``pad_id``, and starts the next one. A sample is never
+    cut, so neither is a modality span. A sample longer than ``seq_len`` is skipped and counted
+    (``on_too_long="skip"``) or raises (``on_too_long="raise"``).
+
+    Each packed sequence is a dict of LongTensors of shape [seq_len]:
+
+    - ``tokens``: the samples, then padding.
+    - ``labels``: ``labels[i] = tokens[i + 1]`` when ``i + 1`` is in the same sample, else -100
+      (so the last token of each sample and all padding are ignored by the loss).
+    - ``input_pos``: position inside the sample, from 0 for each sample. Padding counts from 0 too.
+    - ``document_ids``: index of the sample in the sequence. Padding gets the next index.
+
+    It also has ``sample_ids`` (List[int]), ``num_samples`` and ``num_skipped`` (samples skipped
+    while this sequence was assembled).
+
+    The state contains the source's state, the sample that closed the last sequence (it opens the
+    next one) and the running counts in ``stats``, so a resumed packer continues exactly.
+
+    Args:
+        source (BaseNode[Dict[str, Any]]): node yielding dicts with ``tokens`` and ``sample_id``.
+        seq_len (int): tokens per packed sequence. Default: 2048.
+        pad_id (int): token id of padding. No loss or attention from real tokens reaches it. Default: 0.
+        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+
+    Raises:
+        ValueError: if ``seq_len`` is not positive or ``on_too_long`` is unknown.
+    """
+
+    SOURCE_KEY = "source"
+    PENDING_KEY = "pending"
+    STATS_KEY = "stats"
+
+    def __init__(
+        self,
+        source: BaseNode[Dict[str, Any]],
+        seq_len: int = 2048,
+        pad_id: int = 0,
+        on_too_long: str = "skip",
+    ):
+        super().__init__()
+        if seq_len <= 0:
+            raise ValueError(f"Invalid seq_len: {seq_len}. It must be positive.")
+        if on_too_long not in _TOO_LONG_POLICIES:
+            raise ValueError(f"Invalid on_too_long: {on_too_long!r}. Use one of {_TOO_LONG_POLICIES}.")
+        self.source = source
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.on_too_long = on_too_long
+        self._pending: Optional[Dict[str, Any]] = None
+        self.stats = self._empty_stats()
+
+    @staticmethod
+    def _empty_stats() -> Dict[str, int]:
+        return {"sequences": 0, "samples": 0, "tokens": 0, "padding_tokens": 0, "skipped_samples": 0, "skipped_tokens": 0}
+
+    def reset(self, initial_state: Optional[Dict[str, Any]] = None):
+        super().reset(initial_state)
+        if initial_state is not None:
+            self.source.reset(initial_state[self.SOURCE_KEY])
+            self._pending = initial_state[self.PENDING_KEY]
+            self.stats = dict(initial_state[self.STATS_KEY])
+        else:
+            self.source.reset()
+            self._pending = None
+            self.stats = self._empty_stats()
+
+    def _take(self, sample: Dict[str, Any]) -> bool:
+        """Return whether ``sample`` fits a sequence at all, raising or counting it if it does not."""
+        length = len(sample["tokens"])
+        if length <= self.seq_len:
+            return True
+        if self.on_too_long == "raise":
+            raise ValueError(
+                f"Sample {sample['sample_id']} (shard {sample.get('shard')}, row {sample.get('row')}) has {length} "
+                f"tokens, more than seq_len={self.seq_len}. Raise seq_len, shorten the data, or set "
+                "on_too_long='skip' to drop such samples."
+            )
+        self.stats["skipped_samples"] += 1
+        self.stats["skipped_tokens"] += length
+        return False
+
+    def next(self) -> Dict[str, Any]:
+        samples: List[Dict[str, Any]] = []
+        used = 0
+        skipped_before = self.stats["skipped_samples"]
+        if self._pending is not None:
+            samples.append(self._pending)
+            used = len(self._pending["tokens"])
+            self._pending = None
+
+        while True:
+            try:
+                sample = next(self.source)
+            except StopIteration:
+                if samples:
+                    break
+                raise
+            if not self._take(sample):
+                continue
+            if used + len(sample["tokens"]) > self.seq_len:
+                self._pending = sample
+                break
+            samples.append(sample)
+            used += len(sample["tokens"])
+
+        packed = self._pack(samples)
+        packed["num_skipped"] = self.stats["skipped_samples"] - skipped_before
+        self.stats["sequences"] += 1
+        self.stats["samples"] += len(samples)
+        self.stats["tokens"] += used
+        self.stats["padding_tokens"] += self.seq_len - used
+        return packed
+
+    def _pack(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        tokens = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        labels = np.full(self.seq_len, CROSS_ENTROPY_IGNORE_INDEX, dtype=np.int64)
+        input_pos = np.zeros(self.seq_len, dtype=np.int64)
+        document_ids = np.zeros(self.seq_len, dtype=np.int64)
+
+        start = 0
+        for document, sample in enumerate(samples):
+            ids = np.asarray(sample["tokens"], dtype=np.int64)
+            end = start + len(ids)
+            tokens[start:end] = ids
+            labels[start : end - 1] = ids[1:]
+            input_pos[start:end] = np.arange(len(ids))
+            document_ids[start:end] = document
+            start = end
+        input_pos[start:] = np.arange(self.seq_len - start)
+        document_ids[start:] = len(samples)
+
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "input_pos": torch.from_numpy(input_pos),
+            "document_ids": torch.from_numpy(document_ids),
+            "sample_ids": [sample["sample_id"] for sample in samples],
+            "num_samples": len(samples),
+        }
+
+    def get_state(self) -> Dict[str, Any]:
+        return {
+            self.SOURCE_KEY: self.source.state_dict(),
+            self.PENDING_KEY: self._pending,
+            self.STATS_KEY: dict(self.stats),
+        }
+
+
+def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Build the attention mask of packed sequences: causal and within the same document.
+
+    Args:
+        document_ids (torch.Tensor): [b, s] document index per position.
+
+    Returns:
+        torch.Tensor: bool [b, s, s], True where query position ``i`` may attend to key position ``j``.
+        The diagonal is always True, so no row is all False.
+    """
+    seq_len = document_ids.shape[-1]
+    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device))
+    same_document = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    return same_document & causal
+
+
+def collate_packed(sequences: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack packed sequences from ``Packer`` into a batch.
+
+    Args:
+        sequences (List[Dict[str, Any]]): packed sequences of equal length.
+
+    Returns:
+        Dict[str, Any]: ``tokens``, ``labels``, ``input_pos``, ``document_ids`` as LongTensor [b, s],
+        ``mask`` as bool [b, s, s] (see ``packed_attention_mask``), ``sample_ids`` (one list per
+        row), and ``num_samples`` and ``num_skipped`` summed over the batch.
+    """
+    batch = {key: torch.stack([s[key] for s in sequences]) for key in ("tokens", "labels", "input_pos", "document_ids")}
+    batch["mask"] = packed_attention_mask(batch["document_ids"])
+    batch["sample_ids"] = [s["sample_ids"] for s in sequences]
+    batch["num_samples"] = sum(s["num_samples"] for s in sequences)
+    batch["num_skipped"] = sum(s["num_skipped"] for s in sequences)
+    return batch

@@ -1,0 +1,154 @@
+"""The training and validation data loader, assembled from ``torchdata.nodes``.
+
+The nodes run in this order::
+
+    ShardSource        samples of one data set, shuffled per epoch, disjoint rows per rank
+    Mapper             SampleBuilder: segment order, delimiters, codes -> vocabulary ids, BOS/EOS
+    Packer             whole samples into sequences of seq_len tokens, never cutting a sample
+    Batcher + Mapper   collate_packed: LongTensors [b, s] and the attention mask [b, s, s]
+    Prefetcher         builds the next batches in a background thread
+    Loader             state_dict() / load_state_dict() resume exactly
+
+NOTE: only one data set is read for now. Several data sets fit in before the ``Packer``: one
+``build_sample_node`` per data set, mixed by ``torchdata.nodes.MultiNodeWeightedSampler``. Weights
+per sample of ``token_share / mean_sample_tokens`` give each modality its configured share of
+tokens. A length curriculum for speech also goes before the ``Packer``, as a filter node that
+drops samples whose speech span exceeds the current maximum.
+"""
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, Prefetcher
+
+from mol_tune.data.packing import Packer, collate_packed
+from mol_tune.data.samples import SampleBuilder
+from mol_tune.data.source import ShardSource
+from mol_tune.vocab import VocabularyLayout
+
+
+def build_sample_node(
+    paths: Union[str, Sequence[str]],
+    layout: VocabularyLayout,
+    *,
+    seed: int = 0,
+    bos_id: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    infinite: bool = True,
+    shuffle: bool = True,
+    codebook_fingerprints: Optional[Mapping[str, str]] = None,
+    num_workers: int = 0,
+) -> BaseNode[Dict[str, Any]]:
+    """Build the nodes that yield one data set's samples as vocabulary ids (``SampleBuilder`` output).
+
+    Args:
+        paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
+        layout (VocabularyLayout): the model's vocabulary layout.
+        seed (int): seed of the shuffles and of the segment order. Default: 0.
+        bos_id (Optional[int]): id put before each sample, or None for none. Default: None.
+        eos_id (Optional[int]): id put after each sample, or None for none. Default: None.
+        rank (int): data-parallel rank. Default: 0.
+        world_size (int): number of data-parallel ranks. Default: 1.
+        infinite (bool): repeat epochs forever instead of stopping after one. Default: True.
+        shuffle (bool): shuffle shards, rows and segment order. Default: True.
+        codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
+            codebook. A shard made with another codebook raises. None skips the check. Default: None.
+        num_workers (int): threads that build samples, or 0 to build them in the calling thread. Default: 0.
+
+    Returns:
+        BaseNode[Dict[str, Any]]: the sample node.
+    """
+    source = ShardSource(
+        paths,
+        layout=layout,
+        codebook_fingerprints=codebook_fingerprints,
+        seed=seed,
+        shuffle=shuffle,
+        infinite=infinite,
+        rank=rank,
+        world_size=world_size,
+    )
+    builder = SampleBuilder(layout, seed=seed, bos_id=bos_id, eos_id=eos_id, shuffle_segments=shuffle)
+    if num_workers > 0:
+        return ParallelMapper(source, builder, num_workers=num_workers, in_order=True, method="thread")
+    return Mapper(source, builder)
+
+
+def build_dataloader(
+    paths: Union[str, Sequence[str]],
+    layout: VocabularyLayout,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    seed: int = 0,
+    bos_id: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    infinite: bool = True,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    codebook_fingerprints: Optional[Mapping[str, str]] = None,
+    on_too_long: str = "skip",
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+) -> Loader:
+    """Build the loader of packed batches for one data set.
+
+    Each batch is a dict with ``tokens``, ``labels``, ``input_pos``, ``document_ids`` (LongTensor
+    [b, s]), ``mask`` (bool [b, s, s], True = may attend), ``sample_ids``, ``num_samples`` and
+    ``num_skipped``, as ``Packer`` and ``collate_packed`` describe.
+
+    Args:
+        paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
+        layout (VocabularyLayout): the model's vocabulary layout.
+        seq_len (int): tokens per packed sequence. Default: 2048.
+        batch_size (int): packed sequences per batch. Default: 1.
+        seed (int): seed of the shuffles and of the segment order. Default: 0.
+        bos_id (Optional[int]): id put before each sample, or None for none. Default: None.
+        eos_id (Optional[int]): id put after each sample, or None for none. Default: None.
+        pad_id (int): token id of padding. Default: 0.
+        rank (int): data-parallel rank. Default: 0.
+        world_size (int): number of data-parallel ranks. Default: 1.
+        infinite (bool): repeat epochs forever instead of stopping after one. Default: True.
+        shuffle (bool): shuffle shards, rows and segment order. Default: True.
+        drop_last (bool): drop a final batch with fewer than ``batch_size`` rows. Default: False.
+        codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
+            codebook. A shard made with another codebook raises. None skips the check. Default: None.
+        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        num_workers (int): threads that build samples, or 0 to build them in the loader's thread. Default: 0.
+        prefetch_factor (int): batches built ahead in a background thread, or 0 for none. Default: 2.
+
+    Returns:
+        Loader: iterable over batches, with ``state_dict()`` and ``load_state_dict()``.
+
+    Raises:
+        ValueError: if a size or policy is invalid.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"Invalid batch_size: {batch_size}. It must be positive.")
+    samples = build_sample_node(
+        paths,
+        layout,
+        seed=seed,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        rank=rank,
+        world_size=world_size,
+        infinite=infinite,
+        shuffle=shuffle,
+        codebook_fingerprints=codebook_fingerprints,
+        num_workers=num_workers,
+    )
+    # NOTE: with world_size > 1, ranks may get different numbers of batches, because rows split
+    # unevenly and packing depends on sample lengths. Training should use infinite=True, and one-pass
+    # evaluation must not assume equal batch counts across ranks.
+    node: BaseNode = Packer(samples, seq_len=seq_len, pad_id=pad_id, on_too_long=on_too_long)
+    node = Batcher(node, batch_size=batch_size, drop_last=drop_last)
+    node = Mapper(node, collate_packed)
+    if prefetch_factor > 0:
+        node = Prefetcher(node, prefetch_factor=prefetch_factor)
+    return Loader(node)

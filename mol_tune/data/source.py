@@ -1,0 +1,196 @@
+"""The source node of the data pipeline: validated samples from the Parquet shards of one data set."""
+
+import glob
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from torchdata.nodes import BaseNode
+
+from mol_tune.data.shards import ShardReader, check_shard_compatible, read_shard_info
+from mol_tune.vocab import VocabularyLayout
+
+
+def expand_shard_paths(paths: Union[str, Sequence[str]]) -> List[str]:
+    """Turn a file, a folder of ``*.parquet`` files or a list of both into a list of shard files.
+
+    Raises:
+        FileNotFoundError: if a path does not exist or a folder contains no ``.parquet`` file.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "*.parquet")))
+            if not found:
+                raise FileNotFoundError(f"No .parquet shard found in folder {path}. Prepare the data first.")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"Shard not found: {path}. Prepare the data first or fix the path.")
+    if not files:
+        raise FileNotFoundError("No shard paths given. Pass at least one Parquet file or folder.")
+    return files
+
+
+class ShardSource(BaseNode[Dict[str, Any]]):
+    """Yield the samples of a data set's shards, shuffled per epoch, for one data-parallel rank.
+
+    In each epoch, the file order and the row order inside each file are permutations drawn from
+    ``(seed, epoch)``. Every rank draws the same permutations and takes every ``world_size``-th row
+    of each file starting at ``rank``, so the ranks read disjoint rows that together cover the
+    data set. A sample comes out as a dict with ``sample_id``, ``segments``, ``shard`` (the file),
+    ``row`` (its 0-based row) and ``epoch``.
+
+    The state is the epoch, the position in that epoch's file order and the number of rows of the
+    current file already yielded. Permutations are recomputed from the seed on resume.
+
+    A one-pass source stops after one epoch. Each new pass after ``reset(None)`` (a new ``iter`` of
+    the ``Loader``) uses the next epoch's order, so an epoch loop gets a fresh shuffle per epoch.
+
+    Args:
+        paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
+        layout (Optional[VocabularyLayout]): the model's layout, which every shard must fit. Default: None.
+        codebook_fingerprints (Optional[Mapping[str, str]]): modality name -> fingerprint of the
+            codebook the model was set up with. None skips the check. Default: None.
+        seed (int): seed of the shuffles, the same on every rank. Default: 0.
+        shuffle (bool): shuffle files and rows per epoch. Default: True.
+        infinite (bool): start the next epoch at the end instead of stopping. Default: True.
+        rank (int): this process's data-parallel rank. Default: 0.
+        world_size (int): number of data-parallel ranks. Default: 1.
+
+    Raises:
+        ValueError: if ``rank`` or ``world_size`` is invalid or this rank gets no rows.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+    """
+
+    EPOCH_KEY = "epoch"
+    FILE_POSITION_KEY = "file_position"
+    ROW_POSITION_KEY = "row_position"
+
+    def __init__(
+        self,
+        paths: Union[str, Sequence[str]],
+        layout: Optional[VocabularyLayout] = None,
+        codebook_fingerprints: Optional[Mapping[str, str]] = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"Invalid rank {rank} for world_size {world_size}: need 0 <= rank < world_size.")
+        self.paths = expand_shard_paths(paths)
+        self.layout = layout
+        self.codebook_fingerprints = codebook_fingerprints
+        self.seed = seed
+        self.shuffle = shuffle
+        self.infinite = infinite
+        self.rank = rank
+        self.world_size = world_size
+
+        # Check every shard's metadata now, so a bad file fails at setup and not hours into training.
+        self._num_rows = []
+        for path in self.paths:
+            info = read_shard_info(path)
+            if layout is not None:
+                check_shard_compatible(info, path, layout, codebook_fingerprints)
+            self._num_rows.append(ShardReader(path).num_rows)
+        if sum(len(range(rank, n, world_size)) for n in self._num_rows) == 0:
+            raise ValueError(
+                f"Invalid data split: rank {rank} of {world_size} gets no rows from {self.paths} "
+                f"({sum(self._num_rows)} rows in all). Use fewer ranks or more data."
+            )
+
+        self._next_pass_epoch = 0
+        self._epoch = 0
+        self._file_position = 0
+        self._row_position = 0
+        self._reader: Optional[ShardReader] = None
+        self._reader_key: Optional[tuple] = None
+        self._rows: Optional[np.ndarray] = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in all shards, over all ranks."""
+        return sum(self._num_rows)
+
+    def reset(self, initial_state: Optional[Dict[str, Any]] = None):
+        super().reset(initial_state)
+        if initial_state is not None:
+            self._check_state(initial_state)
+            self._epoch = initial_state[self.EPOCH_KEY]
+            self._file_position = initial_state[self.FILE_POSITION_KEY]
+            self._row_position = initial_state[self.ROW_POSITION_KEY]
+        else:
+            self._epoch = 0 if self.infinite else self._next_pass_epoch
+            self._file_position = 0
+            self._row_position = 0
+        self._next_pass_epoch = self._epoch + 1
+
+    def _check_state(self, state: Dict[str, Any]) -> None:
+        saved = {key: state.get(key) for key in ("seed", "world_size", "rank", "paths")}
+        current = {"seed": self.seed, "world_size": self.world_size, "rank": self.rank, "paths": self.paths}
+        if saved != current:
+            raise ValueError(
+                f"Invalid data loader state: it was saved with {saved}, but this loader has {current}. "
+                "Resume with the same data files, seed and data-parallel layout."
+            )
+
+    def _file_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.paths))
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths))
+
+    def _rank_rows(self, epoch: int, file_index: int) -> np.ndarray:
+        num_rows = self._num_rows[file_index]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 1, file_index]).permutation(num_rows)
+        else:
+            order = np.arange(num_rows)
+        return order[self.rank :: self.world_size]
+
+    def next(self) -> Dict[str, Any]:
+        while True:
+            if self._file_position >= len(self.paths):
+                if not self.infinite:
+                    raise StopIteration()
+                self._epoch += 1
+                self._next_pass_epoch = self._epoch + 1
+                self._file_position = 0
+                self._row_position = 0
+                continue
+
+            file_index = int(self._file_order(self._epoch)[self._file_position])
+            if self._reader_key != (self._epoch, file_index):
+                # Only the current file's rows stay in memory.
+                if self._reader is None or self._reader.path != self.paths[file_index]:
+                    self._reader = ShardReader(self.paths[file_index], self.layout, self.codebook_fingerprints)
+                self._rows = self._rank_rows(self._epoch, file_index)
+                self._reader_key = (self._epoch, file_index)
+
+            if self._row_position >= len(self._rows):
+                self._file_position += 1
+                self._row_position = 0
+                continue
+
+            row = int(self._rows[self._row_position])
+            self._row_position += 1
+            sample = self._reader[row]
+            sample.update(shard=self._reader.path, row=row, epoch=self._epoch)
+            return sample
+
+    def get_state(self) -> Dict[str, Any]:
+        return {
+            self.EPOCH_KEY: self._epoch,
+            self.FILE_POSITION_KEY: self._file_position,
+            self.ROW_POSITION_KEY: self._row_position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "paths": list(self.paths),
+        }
