@@ -145,7 +145,7 @@ def test_batches_match_reference_in_stored_order(shards):
     paths, by_id = shards
     loader = build_dataloader(
         paths, LAYOUT, seq_len=SEQ_LEN, batch_size=3, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-        shuffle=False, infinite=False, codebook_fingerprints=FINGERPRINTS,
+        shuffle=False, shuffle_segments=False, infinite=False, codebook_fingerprints=FINGERPRINTS,
     )
     batches = list(loader)
 
@@ -206,7 +206,9 @@ def test_packing_conserves_samples_and_tokens(shards):
 def test_packing_raises_on_too_long(shards):
     paths, by_id = shards
     length = len(reference_tokens(by_id[3], range(len(by_id[3]))))
-    samples = build_sample_node(paths, LAYOUT, bos_id=BOS, eos_id=EOS, shuffle=False, infinite=False)
+    samples = build_sample_node(
+        paths, LAYOUT, bos_id=BOS, eos_id=EOS, shuffle=False, shuffle_segments=False, infinite=False
+    )
     packer = Packer(samples, seq_len=SEQ_LEN, on_too_long="raise")
     with pytest.raises(ValueError, match=rf"Sample 3 \(shard .*shard_0.parquet, row 3\) has {length} tokens"):
         list(packer)
@@ -293,6 +295,24 @@ def test_one_pass_reshuffles_each_pass(shards):
     assert sorted(first) == sorted(by_id)
     assert sorted(second) == sorted(by_id)
     assert first != second
+
+
+def test_unshuffled_passes_repeat_exactly(shards):
+    paths, by_id = shards
+    loader = build_dataloader(
+        paths, LAYOUT, seq_len=SEQ_LEN, batch_size=2, bos_id=BOS, eos_id=EOS, shuffle=False, infinite=False
+    )
+    first = list(loader)
+    second = list(loader)
+    assert_batches_equal(second, first)
+
+    starts = set()
+    for batch in first:
+        for row in range(batch["tokens"].shape[0]):
+            is_sample = batch["document_ids"][row] < len(batch["sample_ids"][row])
+            starts.update(batch["tokens"][row][(batch["input_pos"][row] == 1) & is_sample].tolist())
+    assert DELIMITERS["image"][0] in starts
+    assert any(token < BASE_VOCAB for token in starts)
 
 
 def test_infinite_source_continues_next_epoch(shards):

@@ -37,6 +37,7 @@ def build_sample_node(
     world_size: int = 1,
     infinite: bool = True,
     shuffle: bool = True,
+    shuffle_segments: bool = True,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     num_workers: int = 0,
 ) -> BaseNode[Dict[str, Any]]:
@@ -51,7 +52,9 @@ def build_sample_node(
         rank (int): data-parallel rank. Default: 0.
         world_size (int): number of data-parallel ranks. Default: 1.
         infinite (bool): repeat epochs forever instead of stopping after one. Default: True.
-        shuffle (bool): shuffle shards, rows and segment order. Default: True.
+        shuffle (bool): shuffle shards and rows. Default: True.
+        shuffle_segments (bool): randomise the segment order inside each sample, or keep the stored
+            order if False. Default: True.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. A shard made with another codebook raises. None skips the check. Default: None.
         num_workers (int): threads that build samples, or 0 to build them in the calling thread. Default: 0.
@@ -69,7 +72,7 @@ def build_sample_node(
         rank=rank,
         world_size=world_size,
     )
-    builder = SampleBuilder(layout, seed=seed, bos_id=bos_id, eos_id=eos_id, shuffle_segments=shuffle)
+    builder = SampleBuilder(layout, seed=seed, bos_id=bos_id, eos_id=eos_id, shuffle_segments=shuffle_segments)
     if num_workers > 0:
         return ParallelMapper(source, builder, num_workers=num_workers, in_order=True, method="thread")
     return Mapper(source, builder)
@@ -89,6 +92,7 @@ def build_dataloader(
     world_size: int = 1,
     infinite: bool = True,
     shuffle: bool = True,
+    shuffle_segments: bool = True,
     drop_last: bool = False,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_too_long: str = "skip",
@@ -113,7 +117,9 @@ def build_dataloader(
         rank (int): data-parallel rank. Default: 0.
         world_size (int): number of data-parallel ranks. Default: 1.
         infinite (bool): repeat epochs forever instead of stopping after one. Default: True.
-        shuffle (bool): shuffle shards, rows and segment order. Default: True.
+        shuffle (bool): shuffle shards and rows. Default: True.
+        shuffle_segments (bool): randomise the segment order inside each sample, or keep the stored
+            order if False. Without ``shuffle`` the order is the same on every pass. Default: True.
         drop_last (bool): drop a final batch with fewer than ``batch_size`` rows. Default: False.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. A shard made with another codebook raises. None skips the check. Default: None.
@@ -140,6 +146,7 @@ def build_dataloader(
         world_size=world_size,
         infinite=infinite,
         shuffle=shuffle,
+        shuffle_segments=shuffle_segments,
         codebook_fingerprints=codebook_fingerprints,
         num_workers=num_workers,
     )

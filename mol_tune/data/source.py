@@ -47,8 +47,10 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     The state is the epoch, the position in that epoch's file order and the number of rows of the
     current file already yielded. Permutations are recomputed from the seed on resume.
 
-    A one-pass source stops after one epoch. Each new pass after ``reset(None)`` (a new ``iter`` of
-    the ``Loader``) uses the next epoch's order, so an epoch loop gets a fresh shuffle per epoch.
+    A one-pass source stops after one epoch. With ``shuffle``, each new pass after ``reset(None)``
+    (a new ``iter`` of the ``Loader``) uses the next epoch's order, so an epoch loop gets a fresh
+    shuffle per epoch. Without ``shuffle``, every pass is epoch 0, so repeated evaluation passes
+    see the same samples with the same segment order.
 
     Args:
         paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
@@ -127,7 +129,7 @@ class ShardSource(BaseNode[Dict[str, Any]]):
             self._file_position = initial_state[self.FILE_POSITION_KEY]
             self._row_position = initial_state[self.ROW_POSITION_KEY]
         else:
-            self._epoch = 0 if self.infinite else self._next_pass_epoch
+            self._epoch = self._next_pass_epoch if self.shuffle and not self.infinite else 0
             self._file_position = 0
             self._row_position = 0
         self._next_pass_epoch = self._epoch + 1
