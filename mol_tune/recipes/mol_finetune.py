@@ -1,0 +1,297 @@
+"""Recipe: fine-tune a frozen text LLM on multimodal token data with Mixture-of-LoRA.
+
+Run with ``tune run mol_tune/recipes/mol_finetune --config <yaml>`` (or ``mol-tune run``).
+Trains the per-modality adapters, norms and the extended embeddings; logs loss in total and
+per modality of the target token, for training and validation, to TensorBoard.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from torchtune import config, training, utils
+from torchtune.recipe_interfaces import FTRecipeInterface
+
+from mol_tune.checkpointing.base import load_base_state_dict
+from mol_tune.checkpointing.mol_checkpoint import load_mol_state, save_mol_checkpoint
+from mol_tune.data.pipeline import build_dataloader
+from mol_tune.training.loss import IGNORE_INDEX, per_modality_cross_entropy
+from mol_tune.training.param_groups import build_param_groups
+
+log = utils.get_logger("INFO")
+
+RECIPE_STATE_FILE = "recipe_state.pt"
+
+
+def expand_path(path: Any) -> Path:
+    return Path(os.path.expandvars(str(path))).expanduser()
+
+
+def format_losses(losses: Dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in losses.items())
+
+
+class MoLFinetuneRecipe(FTRecipeInterface):
+    """Mixture-of-LoRA fine-tuning on one device.
+
+    Config sections: ``model`` (a ``mol_tune.models`` builder), ``base_checkpoint`` (the pretrained
+    Hugging Face folder and its model type), ``tokenizers`` (one per non-text modality, giving its
+    codebook), ``data``, ``optimizer``, ``lr`` (one learning rate per parameter group),
+    ``lr_scheduler``, ``metric_logger`` and the loop settings. See the shipped YAML files.
+
+    NOTE: multi-process training (FSDP2) is not wired in yet; the recipe raises when started
+    with more than one process.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.device = utils.get_device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.output_dir = expand_path(cfg.output_dir)
+        self.max_steps = int(cfg.max_steps)
+        self.grad_accumulation = int(cfg.gradient_accumulation_steps)
+        self.clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.eval_every = int(cfg.get("eval_every_n_steps", 0))
+        self.save_every = int(cfg.get("save_every_n_steps", 0))
+        self.step = 0
+        self.seed = training.set_seed(seed=cfg.seed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("mol_finetune runs in one process for now; start it without --nproc_per_node.")
+
+    def setup(self, cfg: DictConfig) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metric_logger = config.instantiate(cfg.metric_logger)
+        self.metric_logger.log_config(cfg)
+
+        self.model = self._setup_model(cfg)
+        self.modality_names = self.model.layout.modality_names
+        self.optimizer = self._setup_optimizer(cfg)
+        self.lr_scheduler = config.instantiate(
+            cfg.lr_scheduler, self.optimizer, num_training_steps=self.max_steps, last_epoch=-1
+        )
+        self.train_loader = self._setup_data(cfg, split="train")
+        self.val_loader_factory = lambda: self._setup_data(cfg, split="validation")
+
+        resume_dir = cfg.get("resume_from_checkpoint", None)
+        if resume_dir:
+            self._resume(expand_path(resume_dir))
+
+    def _setup_model(self, cfg: DictConfig) -> torch.nn.Module:
+        with training.set_default_dtype(self.dtype), self.device:
+            model = config.instantiate(cfg.model)
+        base_dir = expand_path(cfg.base_checkpoint.checkpoint_dir)
+        base_state = load_base_state_dict(base_dir, cfg.base_checkpoint.model_type)
+        model.load_base_state_dict(base_state)
+        del base_state
+
+        self.codebook_fingerprints = {}
+        for modality in model.layout.modalities:
+            if modality.name not in cfg.get("tokenizers", {}):
+                raise ValueError(
+                    f"Missing tokenizer for modality {modality.name!r}: add `tokenizers.{modality.name}` "
+                    "to the config so the model can take its codebook."
+                )
+            tokenizer = config.instantiate(cfg.tokenizers[modality.name])
+            model.tok_embeddings.set_codebook(modality.name, tokenizer.codebook)
+            self.codebook_fingerprints[modality.name] = tokenizer.fingerprint
+        generator = torch.Generator().manual_seed(self.seed)
+        stats = model.tok_embeddings.initialize_new_embeddings(generator)
+        log.info(
+            f"Initialised {model.layout.num_new_tokens} new embeddings from the codebooks "
+            f"(text embedding mean norm {stats['text_mean_norm']:.3f}, spread {stats['text_rms_spread']:.3f})"
+        )
+
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info(f"Model {model.build_config.get('builder')}: {trainable:,} trainable of {total:,} parameters")
+        if cfg.get("compile", False):
+            training.compile_model(model)
+            log.info("Compiled each decoder layer with torch.compile")
+        return model
+
+    def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
+        weight_decay = float(cfg.optimizer.get("weight_decay", 0.0))
+        groups = build_param_groups(self.model, OmegaConf.to_container(cfg.lr), weight_decay)
+        optimizer = config.instantiate(cfg.optimizer, groups)
+        for group in groups:
+            count = sum(p.numel() for p in group["params"])
+            log.info(f"Optimizer group {group['name']}: {count:,} parameters, lr {group['lr']:g}")
+        return optimizer
+
+    def _setup_data(self, cfg: DictConfig, split: str):
+        data = cfg.data
+        is_train = split == "train"
+        paths = [str(expand_path(p)) for p in data[split]]
+        return build_dataloader(
+            paths,
+            self.model.layout,
+            seq_len=int(data.seq_len),
+            batch_size=int(data.batch_size),
+            seed=self.seed,
+            bos_id=data.get("bos_id", None),
+            eos_id=data.get("eos_id", None),
+            pad_id=int(data.get("pad_id", 0)),
+            infinite=is_train,
+            shuffle=is_train,
+            codebook_fingerprints=self.codebook_fingerprints,
+            on_too_long=data.get("on_too_long", "skip"),
+        )
+
+    def _resume(self, checkpoint_dir: Path) -> None:
+        state_path = checkpoint_dir / RECIPE_STATE_FILE
+        if not state_path.is_file():
+            raise FileNotFoundError(
+                f"Cannot resume from {checkpoint_dir}: {RECIPE_STATE_FILE} not found. Point "
+                "resume_from_checkpoint at a step_<N> folder written by this recipe."
+            )
+        load_mol_state(self.model, checkpoint_dir)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info(f"Resumed from {checkpoint_dir} at step {self.step}")
+
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """Write adapters, norms, new embeddings and the recipe state to ``output_dir/step_<N>``."""
+        checkpoint_dir = self.output_dir / f"step_{self.step}"
+        save_mol_checkpoint(
+            self.model,
+            checkpoint_dir,
+            step=self.step,
+            base_checkpoint_dir=expand_path(self.cfg.base_checkpoint.checkpoint_dir),
+            base_model_type=str(self.cfg.base_checkpoint.model_type),
+        )
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "train_loader": self.train_loader.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        temporary = checkpoint_dir / (RECIPE_STATE_FILE + ".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, checkpoint_dir / RECIPE_STATE_FILE)
+        log.info(f"Saved {'final ' if final else ''}checkpoint to {checkpoint_dir}")
+        return checkpoint_dir
+
+    def _batch_loss(self, batch: Dict[str, torch.Tensor]):
+        tokens = batch["tokens"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        logits = self.model(tokens, mask=batch["mask"].to(self.device), input_pos=batch["input_pos"].to(self.device))
+        target_modalities = self.model.router(labels.clamp(min=0))
+        return per_modality_cross_entropy(logits, labels, target_modalities, len(self.modality_names))
+
+    def _named_losses(self, sums: torch.Tensor, counts: torch.Tensor) -> Dict[str, float]:
+        losses = {"all": (sums.sum() / counts.sum().clamp(min=1)).item()}
+        for index, name in enumerate(self.modality_names):
+            if counts[index] > 0:
+                losses[name] = (sums[index] / counts[index]).item()
+        return losses
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Return the mean validation loss in total and per target modality, over the whole split."""
+        self.model.eval()
+        sums = torch.zeros(len(self.modality_names), device=self.device)
+        counts = torch.zeros(len(self.modality_names), device=self.device, dtype=torch.long)
+        for batch in self.val_loader_factory():
+            _, batch_sums, batch_counts = self._batch_loss(batch)
+            sums += batch_sums
+            counts += batch_counts
+        self.model.train()
+        return self._named_losses(sums, counts)
+
+    def _log_validation(self) -> Dict[str, float]:
+        losses = self.validate()
+        self.metric_logger.log_dict(
+            {("loss/val" if k == "all" else f"loss/val/{k}"): v for k, v in losses.items()}, step=self.step
+        )
+        log.info(f"Step {self.step} validation loss: {format_losses(losses)}")
+        return losses
+
+    def train(self) -> None:
+        self.model.train()
+        train_iter = iter(self.train_loader)
+        if self.step == 0 and self.eval_every > 0:
+            self._log_validation()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc="mol_finetune", dynamic_ncols=True)
+        window_start = time.perf_counter()
+        window_tokens = 0
+
+        while self.step < self.max_steps:
+            sums = torch.zeros(len(self.modality_names), device=self.device)
+            counts = torch.zeros(len(self.modality_names), device=self.device, dtype=torch.long)
+            for _ in range(self.grad_accumulation):
+                batch = next(train_iter)
+                loss_sum, batch_sums, batch_counts = self._batch_loss(batch)
+                loss_sum.backward()
+                sums += batch_sums
+                counts += batch_counts
+                window_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+
+            # Normalise by the target tokens of the whole accumulated step, not per micro-batch.
+            num_targets = counts.sum().clamp(min=1)
+            training.scale_grads(self.model, 1.0 / num_targets)
+            grad_norm = None
+            if self.clip_grad_norm is not None:
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(self.clip_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            self.step += 1
+
+            losses = self._named_losses(sums, counts)
+            if not torch.isfinite(torch.tensor(losses["all"])):
+                raise RuntimeError(f"Non-finite training loss {losses['all']} at step {self.step}; stopping.")
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['all']:.3f}")
+
+            if self.step % self.log_every == 0:
+                elapsed = time.perf_counter() - window_start
+                metrics = {("loss/train" if k == "all" else f"loss/train/{k}"): v for k, v in losses.items()}
+                for group in self.optimizer.param_groups:
+                    metrics[f"lr/{group['name']}"] = group["lr"]
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+                self.metric_logger.log_dict(metrics, step=self.step)
+                window_start, window_tokens = time.perf_counter(), 0
+
+            if self.eval_every > 0 and self.step % self.eval_every == 0:
+                self._log_validation()
+            if self.save_every > 0 and self.step % self.save_every == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+
+        progress.close()
+        self.final_losses = losses
+        log.info(f"Step {self.step} training loss: {format_losses(losses)}")
+
+    def cleanup(self) -> None:
+        self.metric_logger.close()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="MoLFinetuneRecipe", cfg=cfg)
+    recipe = MoLFinetuneRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.save_checkpoint(final=True)
+    summary_path = recipe.output_dir / "summary.json"
+    summary_path.write_text(json.dumps({"step": recipe.step, "final_train_loss": recipe.final_losses}, indent=2))
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
