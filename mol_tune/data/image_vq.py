@@ -181,6 +181,7 @@ class PatchVQTokenizer:
             FileNotFoundError: if a file of the tokenizer is missing.
             ValueError: if the codebook does not match the shape or fingerprint in ``config.json``.
         """
+        directory = os.path.expanduser(directory)
         config_path = os.path.join(directory, CONFIG_FILE)
         codebook_path = os.path.join(directory, CODEBOOK_FILE)
         for path in (config_path, codebook_path):

@@ -40,7 +40,7 @@ def records_build_config(builder: Callable[..., MoLTransformerDecoder]) -> Calla
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("mol_kwargs", {}))
-        arguments["modalities"] = [vars(as_modality(m)) for m in arguments["modalities"]]
+        arguments["modalities"] = [vars(as_modality(m)) for m in _modalities(arguments["modalities"])]
         model = builder(*args, **kwargs)
         model.build_config = {"builder": f"{builder.__module__.rsplit('.', 1)[0]}.{builder.__name__}", "kwargs": _json_ready(arguments)}
         return model
