@@ -16,12 +16,12 @@ from mol_tune.vocab import VocabularyLayout
 
 
 def is_adapter_or_norm_parameter(name: str) -> bool:
-    """Whether a parameter name is a LoRA factor or a per-modality norm scale."""
+    """Return whether a parameter name is a LoRA factor or a per-modality norm scale."""
     return ".lora_a." in name or ".lora_b." in name or ".scales." in name
 
 
 def is_new_parameter(name: str) -> bool:
-    """Whether a state-dict key is added by MoL, so a pretrained checkpoint cannot provide it."""
+    """Return whether a state-dict key is added by MoL, so a pretrained checkpoint cannot provide it."""
     new_embedding_keys = ("tok_embeddings.new_weight", "tok_embeddings.projections.", "tok_embeddings.codebooks.")
     return ".lora_a." in name or ".lora_b." in name or name.startswith(new_embedding_keys)
 
