@@ -30,14 +30,17 @@ file and renamed when complete, so a crashed writer leaves no truncated shard be
 contain ``row_group_size`` rows, so a reader could read a large shard in parts.
 """
 
+import bisect
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mol_tune.data import bad_input
+from mol_tune.data.bad_input import BadInputError, check_on_error
 from mol_tune.vocab import TEXT, VocabularyLayout
 
 FORMAT_VERSION = 1
@@ -53,8 +56,11 @@ _KEY_PREFIX = "mol_tune."
 _REQUIRED_KEYS = ("format_version", "dataset", "text_tokenizer", "modalities")
 
 
-class ShardError(ValueError):
-    """A shard cannot be read, or a row in it is invalid. The message names the file and the row."""
+class ShardError(BadInputError):
+    """A shard cannot be read, or a row in it is invalid. The message names the file and the row.
+
+    ``reason`` is one of the reasons in ``mol_tune.data.bad_input``, e.g. ``"code_out_of_range"``.
+    """
 
 
 class Segment(NamedTuple):
@@ -122,12 +128,14 @@ class ShardInfo:
         if missing:
             raise ShardError(
                 f"Invalid shard {path}: metadata keys {missing} are missing. "
-                "Write shards with mol_tune.data.shards.ShardWriter."
+                "Write shards with mol_tune.data.shards.ShardWriter.",
+                reason=bad_input.INVALID_SHARD,
             )
         if values["format_version"] != str(FORMAT_VERSION):
             raise ShardError(
                 f"Invalid shard {path}: format version {values['format_version']!r}, but this version of "
-                f"mol_tune reads version {FORMAT_VERSION}. Prepare the data again."
+                f"mol_tune reads version {FORMAT_VERSION}. Prepare the data again.",
+                reason=bad_input.INVALID_SHARD,
             )
         try:
             modalities = {
@@ -137,7 +145,8 @@ class ShardInfo:
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ShardError(
                 f"Invalid shard {path}: metadata key {_KEY_PREFIX}modalities = {values['modalities']!r} "
-                f"is malformed ({error!r})."
+                f"is malformed ({error!r}).",
+                reason=bad_input.INVALID_SHARD,
             ) from None
         return cls(
             dataset=values["dataset"],
@@ -181,29 +190,38 @@ def validate_sample(
     where = f"Invalid sample in shard {path}, row {row}"
     segments = _as_segments(segments)
     if not segments:
-        raise ShardError(f"{where}: the sample is empty (no segments). Drop the row or prepare the data again.")
+        raise ShardError(
+            f"{where}: the sample is empty (no segments). Drop the row or prepare the data again.",
+            reason=bad_input.EMPTY_SAMPLE,
+        )
     for index, (modality, tokens) in enumerate(segments):
         if len(tokens) == 0:
-            raise ShardError(f"{where}: segment {index} ({modality}) has no tokens.")
+            raise ShardError(
+                f"{where}: segment {index} ({modality}) has no tokens. Drop the row or prepare the data again.",
+                reason=bad_input.EMPTY_SAMPLE,
+            )
         low, high = min(tokens), max(tokens)
         if modality == TEXT:
             if low < 0 or (text_vocab_size is not None and high >= text_vocab_size):
                 raise ShardError(
                     f"{where}: text segment {index} has ids from {low} to {high}, outside the text vocabulary "
-                    f"[0, {text_vocab_size}). Tokenize the data with the model's tokenizer."
+                    f"[0, {text_vocab_size}). Tokenize the data with the model's tokenizer.",
+                    reason=bad_input.TEXT_ID_OUT_OF_RANGE,
                 )
             continue
         if modality not in info.modalities:
             known = [TEXT] + sorted(info.modalities)
             raise ShardError(
-                f"{where}: segment {index} has unknown modality {modality!r}. The shard's metadata lists {known}."
+                f"{where}: segment {index} has unknown modality {modality!r}. The shard's metadata lists {known}.",
+                reason=bad_input.UNKNOWN_MODALITY,
             )
         num_codes = info.modalities[modality].num_codes
         if low < 0 or high >= num_codes:
             bad = low if low < 0 else high
             raise ShardError(
                 f"{where}: segment {index} ({modality}) has code {bad}, outside the codebook of {num_codes} codes "
-                f"(0 to {num_codes - 1}). Re-tokenize the data with the model's codebook."
+                f"(0 to {num_codes - 1}). Re-tokenize the data with the model's codebook.",
+                reason=bad_input.CODE_OUT_OF_RANGE,
             )
 
 
@@ -232,13 +250,15 @@ def check_shard_compatible(
         except KeyError:
             raise ShardError(
                 f"Invalid shard {path}: it contains modality {name!r}, but the model has "
-                f"{layout.modality_names}. Add the modality to the model config or drop the shard."
+                f"{layout.modality_names}. Add the modality to the model config or drop the shard.",
+                reason=bad_input.UNKNOWN_MODALITY,
             ) from None
         if (modality.num_codes, modality.codebook_dim) != (codebook.num_codes, codebook.codebook_dim):
             raise ShardError(
                 f"Invalid shard {path}: modality {name!r} has {codebook.num_codes} codes of dimension "
                 f"{codebook.codebook_dim}, but the model has {modality.num_codes} of dimension "
-                f"{modality.codebook_dim}."
+                f"{modality.codebook_dim}. The shard was tokenized with another codebook.",
+                reason=bad_input.CODEBOOK_MISMATCH,
             )
         if codebook_fingerprints is None:
             continue
@@ -246,13 +266,15 @@ def check_shard_compatible(
         if expected is None:
             raise ShardError(
                 f"Invalid shard {path}: no codebook fingerprint was given for modality {name!r}, "
-                f"only for {sorted(codebook_fingerprints)}."
+                f"only for {sorted(codebook_fingerprints)}. Give the fingerprint of every modality's codebook.",
+                reason=bad_input.CODEBOOK_MISMATCH,
             )
         if expected != codebook.codebook_fingerprint:
             raise ShardError(
                 f"Invalid shard {path}: the {name} codebook fingerprint {codebook.codebook_fingerprint} differs "
                 f"from the model's {expected}. The shard was tokenized with another codebook. Prepare the data "
-                "with the model's image tokenizer, or set the model up with the shard's codebook."
+                f"with the model's {name} tokenizer, or set the model up with the shard's codebook.",
+                reason=bad_input.CODEBOOK_MISMATCH,
             )
 
 
@@ -331,12 +353,16 @@ def read_shard_info(path: str) -> ShardInfo:
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as error:
-        raise ShardError(f"Failed to read shard {path}: {error}. Check the path, or prepare the data again.") from None
+        raise ShardError(
+            f"Failed to read shard {path}: {error}. Check the path, or prepare the data again.",
+            reason=bad_input.UNREADABLE_FILE,
+        ) from None
     for expected in SCHEMA:
         if schema.get_field_index(expected.name) < 0 or not schema.field(expected.name).type.equals(expected.type):
             raise ShardError(
                 f"Invalid shard {path}: column {expected.name!r} is missing or not of type {expected.type}. "
-                f"The file has schema {schema.remove_metadata()}."
+                f"The file has schema {schema.remove_metadata()}.",
+                reason=bad_input.INVALID_SHARD,
             )
     return ShardInfo.from_metadata(schema.metadata, path)
 
@@ -345,7 +371,9 @@ class ShardReader:
     """Random access to the validated samples of one shard.
 
     On first access, all rows are read into memory, one row group at a time, so a damaged group is
-    reported with its row range.
+    reported with its row range. With ``on_error="raise"`` a damaged group raises at once. With
+    ``"skip"`` the intact groups are kept, and each row of a damaged group raises a ``ShardError``
+    with reason ``unreadable_file`` when it is accessed, so the caller can skip and count it.
 
     NOTE: a whole shard is kept in memory while it is read. Write shards small enough for that
     (for example a few hundred MB), or add row-group streaming here before using larger ones.
@@ -356,9 +384,11 @@ class ShardReader:
             and text ids must be below its base vocabulary size. Default: None.
         codebook_fingerprints (Optional[Mapping[str, str]]): model codebook fingerprints per
             modality, checked when ``layout`` is given. None skips the check. Default: None.
+        on_error (str): ``"raise"`` or ``"skip"`` for a damaged row group, as described above. Default: "raise".
 
     Raises:
         ShardError: if the file is unreadable or does not fit the layout or codebooks.
+        ValueError: if ``on_error`` is unknown.
     """
 
     def __init__(
@@ -366,8 +396,10 @@ class ShardReader:
         path: str,
         layout: Optional[VocabularyLayout] = None,
         codebook_fingerprints: Optional[Mapping[str, str]] = None,
+        on_error: str = "raise",
     ):
         self.path = path
+        self.on_error = check_on_error(on_error)
         self.info = read_shard_info(path)
         if layout is not None:
             check_shard_compatible(self.info, path, layout, codebook_fingerprints)
@@ -375,44 +407,58 @@ class ShardReader:
         try:
             self.num_rows = pq.ParquetFile(path).metadata.num_rows
         except (OSError, pa.ArrowException) as error:
-            raise ShardError(f"Failed to read shard {path}: {error}. Prepare the data again.") from None
-        self._sample_ids: Optional[pa.Array] = None
-        self._segments: Optional[pa.Array] = None
+            raise ShardError(
+                f"Failed to read shard {path}: {error}. Prepare the data again.", reason=bad_input.UNREADABLE_FILE
+            ) from None
+        # Per row group: its first row, and its (sample_id, segments) columns, or None if it is damaged.
+        self._group_starts: Optional[List[int]] = None
+        self._groups: List[Optional[Tuple[pa.Array, pa.Array]]] = []
+        self._damaged: Dict[int, str] = {}
 
     def __len__(self) -> int:
         return self.num_rows
 
     def _load(self) -> None:
         parquet_file = pq.ParquetFile(self.path)
-        tables, first_row = [], 0
+        starts, groups, first_row = [], [], 0
         for group in range(parquet_file.num_row_groups):
             rows = parquet_file.metadata.row_group(group).num_rows
             try:
-                tables.append(parquet_file.read_row_group(group))
+                table = parquet_file.read_row_group(group)
+                groups.append((table.column("sample_id").combine_chunks(), table.column("segments").combine_chunks()))
             except (OSError, pa.ArrowException) as error:
-                raise ShardError(
+                message = (
                     f"Failed to read shard {self.path}, rows {first_row} to {first_row + rows - 1}: {error}. "
                     "The file is damaged, so prepare the data again."
-                ) from None
+                )
+                if self.on_error == "raise":
+                    raise ShardError(message, reason=bad_input.UNREADABLE_FILE) from None
+                self._damaged[group] = message
+                groups.append(None)
+            starts.append(first_row)
             first_row += rows
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        self._sample_ids = table.column("sample_id").combine_chunks()
-        self._segments = table.column("segments").combine_chunks()
+        self._groups = groups
+        self._group_starts = starts
 
     def __getitem__(self, row: int) -> Dict[str, Any]:
         """Return row ``row`` as ``{"sample_id": int, "segments": [{"modality": str, "tokens": [int]}]}``.
 
         Raises:
             IndexError: if ``row`` is out of range.
-            ShardError: if the sample is invalid.
+            ShardError: if the sample is invalid or its row group is damaged.
         """
         if not 0 <= row < self.num_rows:
             raise IndexError(f"Row {row} is out of range: shard {self.path} has {self.num_rows} rows.")
-        if self._segments is None:
+        if self._group_starts is None:
             self._load()
-        segments = self._segments[row].as_py() or []
+        group = bisect.bisect_right(self._group_starts, row) - 1
+        if self._groups[group] is None:
+            raise ShardError(self._damaged[group], reason=bad_input.UNREADABLE_FILE)
+        sample_ids, all_segments = self._groups[group]
+        offset = row - self._group_starts[group]
+        segments = all_segments[offset].as_py() or []
         validate_sample(self.info, segments, self.path, row, self._text_vocab_size)
-        return {"sample_id": self._sample_ids[row].as_py(), "segments": segments}
+        return {"sample_id": sample_ids[offset].as_py(), "segments": segments}
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         for row in range(self.num_rows):

@@ -1,14 +1,18 @@
 """The source node of the data pipeline: validated samples from the Parquet shards of one data set."""
 
 import glob
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from mol_tune.data.shards import ShardReader, check_shard_compatible, read_shard_info
+from mol_tune.data.bad_input import SkipCounter, check_on_error
+from mol_tune.data.shards import ShardError, ShardReader, check_shard_compatible, read_shard_info
 from mol_tune.vocab import VocabularyLayout
+
+log = logging.getLogger(__name__)
 
 
 def expand_shard_paths(paths: Union[str, Sequence[str]]) -> List[str]:
@@ -52,6 +56,15 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     shuffle per epoch. Without ``shuffle``, every pass is epoch 0, so repeated evaluation passes
     see the same samples with the same segment order.
 
+    Bad input follows ``on_error``. With ``"raise"``, a shard that is unreadable or does not fit
+    the layout or codebooks raises when the source is built. An invalid row (empty sample, code
+    outside the codebook, unknown modality, text id outside the vocabulary, damaged row group)
+    raises when it is read. With ``"skip"``, such a shard is left out and such a row is passed
+    over. Each is counted per reason in ``skipped_shards`` and ``skipped_rows`` and logged, the
+    first few in full (see ``mol_tune.data.bad_input.SkipCounter``). A bad row is counted each time
+    a pass reads it, and the counts add up over passes. Row counts are part of the state, so they
+    survive a resume.
+
     Args:
         paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
         layout (Optional[VocabularyLayout]): the model's layout, which every shard must fit. Default: None.
@@ -62,15 +75,18 @@ class ShardSource(BaseNode[Dict[str, Any]]):
         infinite (bool): start the next epoch at the end instead of stopping. Default: True.
         rank (int): this process's data-parallel rank. Default: 0.
         world_size (int): number of data-parallel ranks. Default: 1.
+        on_error (str): ``"raise"`` or ``"skip"`` for a bad shard or row, as described above. Default: "raise".
 
     Raises:
-        ValueError: if ``rank`` or ``world_size`` is invalid or this rank gets no rows.
-        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+        ValueError: if ``rank``, ``world_size`` or ``on_error`` is invalid, or this rank gets no rows.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks, and ``on_error``
+            is ``"raise"``.
     """
 
     EPOCH_KEY = "epoch"
     FILE_POSITION_KEY = "file_position"
     ROW_POSITION_KEY = "row_position"
+    SKIPPED_ROWS_KEY = "skipped_rows"
 
     def __init__(
         self,
@@ -82,6 +98,7 @@ class ShardSource(BaseNode[Dict[str, Any]]):
         infinite: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        on_error: str = "raise",
     ):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -94,18 +111,29 @@ class ShardSource(BaseNode[Dict[str, Any]]):
         self.infinite = infinite
         self.rank = rank
         self.world_size = world_size
+        self.on_error = check_on_error(on_error)
+        self.skipped_shards = SkipCounter("shard", log)
+        self.skipped_rows = SkipCounter("row", log)
 
         # Check every shard's metadata now, so a bad file fails at setup and not hours into training.
+        # A skipped shard keeps its place in ``paths`` with 0 rows, so states stay comparable.
         self._num_rows = []
         for path in self.paths:
-            info = read_shard_info(path)
-            if layout is not None:
-                check_shard_compatible(info, path, layout, codebook_fingerprints)
-            self._num_rows.append(ShardReader(path).num_rows)
+            try:
+                info = read_shard_info(path)
+                if layout is not None:
+                    check_shard_compatible(info, path, layout, codebook_fingerprints)
+                self._num_rows.append(ShardReader(path).num_rows)
+            except ShardError as error:
+                if self.on_error == "raise":
+                    raise
+                self.skipped_shards.record(error)
+                self._num_rows.append(0)
         if sum(len(range(rank, n, world_size)) for n in self._num_rows) == 0:
+            skipped = f", {self.skipped_shards.summary()}" if self.skipped_shards.total else ""
             raise ValueError(
                 f"Invalid data split: rank {rank} of {world_size} gets no rows from {self.paths} "
-                f"({sum(self._num_rows)} rows in all). Use fewer ranks or more data."
+                f"({sum(self._num_rows)} rows in all{skipped}). Use fewer ranks or more data."
             )
 
         self._next_pass_epoch = 0
@@ -128,6 +156,8 @@ class ShardSource(BaseNode[Dict[str, Any]]):
             self._epoch = initial_state[self.EPOCH_KEY]
             self._file_position = initial_state[self.FILE_POSITION_KEY]
             self._row_position = initial_state[self.ROW_POSITION_KEY]
+            # States saved before skip counting existed have no counts.
+            self.skipped_rows.counts = dict(initial_state.get(self.SKIPPED_ROWS_KEY, {}))
         else:
             self._epoch = self._next_pass_epoch if self.shuffle and not self.infinite else 0
             self._file_position = 0
@@ -168,10 +198,17 @@ class ShardSource(BaseNode[Dict[str, Any]]):
                 continue
 
             file_index = int(self._file_order(self._epoch)[self._file_position])
+            if self._num_rows[file_index] == 0:
+                # An empty or skipped shard: never open it.
+                self._file_position += 1
+                self._row_position = 0
+                continue
             if self._reader_key != (self._epoch, file_index):
                 # Only the current file's rows stay in memory.
                 if self._reader is None or self._reader.path != self.paths[file_index]:
-                    self._reader = ShardReader(self.paths[file_index], self.layout, self.codebook_fingerprints)
+                    self._reader = ShardReader(
+                        self.paths[file_index], self.layout, self.codebook_fingerprints, on_error=self.on_error
+                    )
                 self._rows = self._rank_rows(self._epoch, file_index)
                 self._reader_key = (self._epoch, file_index)
 
@@ -182,7 +219,13 @@ class ShardSource(BaseNode[Dict[str, Any]]):
 
             row = int(self._rows[self._row_position])
             self._row_position += 1
-            sample = self._reader[row]
+            try:
+                sample = self._reader[row]
+            except ShardError as error:
+                if self.on_error == "raise":
+                    raise
+                self.skipped_rows.record(error)
+                continue
             sample.update(shard=self._reader.path, row=row, epoch=self._epoch)
             return sample
 
@@ -191,6 +234,7 @@ class ShardSource(BaseNode[Dict[str, Any]]):
             self.EPOCH_KEY: self._epoch,
             self.FILE_POSITION_KEY: self._file_position,
             self.ROW_POSITION_KEY: self._row_position,
+            self.SKIPPED_ROWS_KEY: dict(self.skipped_rows.counts),
             "seed": self.seed,
             "world_size": self.world_size,
             "rank": self.rank,
