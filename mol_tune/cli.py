@@ -12,8 +12,8 @@ torchtune's. Differences from ``tune``:
   module name.
 - Unknown recipe and config names fail before anything runs, with a list of mol_tune's names.
 
-``prepare-model``, ``prepare-digits`` and ``params`` are mol_tune's tools. Each tool and torchtune
-are imported only when a subcommand runs, so ``mol-tune --help`` does not import torchtune.
+``prepare-model``, ``prepare-digits``, ``make-shards`` and ``params`` are mol_tune's tools. Each tool
+and torchtune are imported only when a subcommand runs, so ``mol-tune --help`` does not import torchtune.
 """
 
 import argparse
@@ -45,6 +45,10 @@ TOOL_COMMANDS = {
     "prepare-digits": (
         "mol_tune.data.prepare_digits",
         "Turn scikit-learn's handwritten digits and generated captions into text + image-code Parquet shards.",
+    ),
+    "make-shards": (
+        "mol_tune.data.convert",
+        "Convert images with captions, speech with transcripts or plain text into Parquet shards.",
     ),
     "params": (
         "mol_tune.params",
