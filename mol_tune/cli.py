@@ -12,8 +12,9 @@ torchtune's. Differences from ``tune``:
   module name.
 - Unknown recipe and config names fail before anything runs, with a list of mol_tune's names.
 
-``prepare-model``, ``prepare-digits``, ``make-shards`` and ``params`` are mol_tune's tools. Each tool
-and torchtune are imported only when a subcommand runs, so ``mol-tune --help`` does not import torchtune.
+``prepare-model``, ``prepare-digits``, ``prepare-text``, ``make-shards`` and ``params`` are mol_tune's
+tools. Each tool and torchtune are imported only when a subcommand runs, so ``mol-tune --help`` does
+not import torchtune.
 """
 
 import argparse
@@ -49,6 +50,10 @@ TOOL_COMMANDS = {
     "make-shards": (
         "mol_tune.data.convert",
         "Convert images with captions, speech with transcripts or plain text into Parquet shards.",
+    ),
+    "prepare-text": (
+        "mol_tune.data.prepare_text",
+        "Turn English text files (default: scikit-learn's data set descriptions) into text-only Parquet shards.",
     ),
     "params": (
         "mol_tune.params",
