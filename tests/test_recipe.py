@@ -14,6 +14,7 @@ from mol_tune.checkpointing import load_mol_model
 from mol_tune.checkpointing.convert_gguf import prepare_default_model
 from mol_tune.data.pipeline import build_dataloader
 from mol_tune.data.prepare_digits import prepare_digits
+from mol_tune.data.prepare_text import prepare_text
 from mol_tune.training.loss import per_modality_cross_entropy
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,7 @@ def default_assets():
     model_dir = prepare_default_model()
     data_dir = model_dir.parent.parent / "data" / "digits"
     prepare_digits(str(model_dir), str(data_dir))
+    prepare_text(str(model_dir), str(model_dir.parent.parent / "data" / "sklearn_text"))
     return model_dir, data_dir
 
 
@@ -52,14 +54,22 @@ def read_scalars(log_dir: Path) -> dict:
 def test_recipe_logs_and_checkpoint_reloads(default_assets, tmp_path):
     _, data_dir = default_assets
     output_dir = tmp_path / "run"
-    run_recipe(output_dir, "max_steps=2", "eval_every_n_steps=2", "save_every_n_steps=0")
+    # A curriculum on the 16-code image spans that drops nothing, so only its logging shows.
+    curriculum = ["data.curriculum.image.schedule=linear", "data.curriculum.image.start=16",
+                  "data.curriculum.image.end=20", "data.curriculum.image.num_steps=2"]
+    run_recipe(output_dir, "max_steps=2", "eval_every_n_steps=2", "save_every_n_steps=0", *curriculum)
 
     scalars = read_scalars(output_dir / "logs")
     for tag in ["loss/train", "loss/train/text", "loss/train/image", "loss/val/text", "loss/val/image",
-                "lr/base", "lr/text", "lr/image", "grad_norm", "tokens_per_second"]:
+                "loss/val/digits/image", "loss/val/digits/text", "loss/val/sklearn_text/text",
+                "lr/base", "lr/text", "lr/image", "grad_norm", "tokens_per_second",
+                "data/token_share/image", "data/token_share/text"]:
         assert tag in scalars, sorted(scalars)
     assert sorted(scalars["loss/train/image"]) == [1, 2]
     assert sorted(scalars["loss/val/image"]) == [0, 2]
+    # Step N logs the limit of the batches that made step N, the schedule's value at N - 1.
+    assert scalars["curriculum/max_image_tokens"] == {1: 16.0, 2: 18.0}
+    assert scalars["curriculum/dropped_samples"] == {1: 0.0, 2: 0.0}
 
     # The reloaded checkpoint must reproduce the validation loss the run logged at its last step.
     model = load_mol_model(output_dir / "step_2")
@@ -75,8 +85,10 @@ def test_recipe_logs_and_checkpoint_reloads(default_assets, tmp_path):
             _, batch_sums, batch_counts = per_modality_cross_entropy(logits, batch["labels"], targets, 2)
             sums += batch_sums
             counts += batch_counts
-    assert abs((sums[1] / counts[1]).item() - scalars["loss/val/image"][2]) < 1e-4
-    assert abs((sums[0] / counts[0]).item() - scalars["loss/val/text"][2]) < 1e-4
+    assert abs((sums[1] / counts[1]).item() - scalars["loss/val/digits/image"][2]) < 1e-4
+    assert abs((sums[0] / counts[0]).item() - scalars["loss/val/digits/text"][2]) < 1e-4
+    # The digits are the only image data, so the image loss over all data sets is theirs.
+    assert abs(scalars["loss/val/image"][2] - scalars["loss/val/digits/image"][2]) < 1e-6
 
 
 def test_recipe_resume_matches_uninterrupted(default_assets, tmp_path):
@@ -95,7 +107,7 @@ def test_recipe_resume_matches_uninterrupted(default_assets, tmp_path):
 
 def test_recipe_rejects_lr_for_missing_modality(default_assets, tmp_path):
     command = ["tune", "run", "mol_tune/recipes/mol_finetune", "--config", str(CONFIG),
-               f"output_dir={tmp_path / 'bad'}", "max_steps=1", "+lr.speech=1e-3"]
+               f"output_dir={tmp_path / 'bad'}", "max_steps=1", "lr.speech=1e-3"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode != 0
     assert "Invalid learning rate for ['speech']" in result.stderr

@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from torchdata.nodes import Loader
 from torchtune import config, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 
 from mol_tune.checkpointing.base import load_base_state_dict
 from mol_tune.checkpointing.mol_checkpoint import load_mol_state, save_mol_checkpoint
-from mol_tune.data.pipeline import build_dataloader
+from mol_tune.data.config import build_training_loader, build_validation_loaders
+from mol_tune.data.mixture import count_modality_tokens
 from mol_tune.training.loss import IGNORE_INDEX, per_modality_cross_entropy
 from mol_tune.training.param_groups import build_param_groups
 
@@ -77,8 +80,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.max_steps, last_epoch=-1
         )
-        self.train_loader = self._setup_data(cfg, split="train")
-        self.val_loader_factory = lambda: self._setup_data(cfg, split="validation")
+        self.train_loader = self._setup_data(cfg)
 
         resume_dir = cfg.get("resume_from_checkpoint", None)
         if resume_dir:
@@ -126,24 +128,20 @@ class MoLFinetuneRecipe(FTRecipeInterface):
             log.info(f"Optimizer group {group['name']}: {count:,} parameters, lr {group['lr']:g}")
         return optimizer
 
-    def _setup_data(self, cfg: DictConfig, split: str):
-        data = cfg.data
-        is_train = split == "train"
-        paths = [str(expand_path(p)) for p in data[split]]
-        return build_dataloader(
-            paths,
-            self.model.layout,
-            seq_len=int(data.seq_len),
-            batch_size=int(data.batch_size),
-            seed=self.seed,
-            bos_id=data.get("bos_id", None),
-            eos_id=data.get("eos_id", None),
-            pad_id=int(data.get("pad_id", 0)),
-            infinite=is_train,
-            shuffle=is_train,
-            codebook_fingerprints=self.codebook_fingerprints,
-            on_too_long=data.get("on_too_long", "skip"),
+    def _setup_data(self, cfg: DictConfig) -> Loader:
+        """Build the training loader that mixes the data sets, and the factory of validation loaders."""
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world_size = 0, 1
+        options = dict(seed=self.seed, rank=rank, world_size=world_size, codebook_fingerprints=self.codebook_fingerprints)
+        loader, plan = build_training_loader(
+            cfg.data, self.model.layout, batches_per_step=self.grad_accumulation, **options
         )
+        for line in plan.describe():
+            log.info(line)
+        self.val_loader_factory = lambda: build_validation_loaders(cfg.data, self.model.layout, **options)
+        return loader
 
     def _resume(self, checkpoint_dir: Path) -> None:
         state_path = checkpoint_dir / RECIPE_STATE_FILE
@@ -200,16 +198,28 @@ class MoLFinetuneRecipe(FTRecipeInterface):
 
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
-        """Return the mean validation loss in total and per target modality, over the whole split."""
+        """Return the mean validation loss over every data set's whole validation split.
+
+        Keys: ``all`` and each target modality over all data sets, and ``<data set>/<modality>``.
+        """
         self.model.eval()
         sums = torch.zeros(len(self.modality_names), device=self.device)
         counts = torch.zeros(len(self.modality_names), device=self.device, dtype=torch.long)
-        for batch in self.val_loader_factory():
-            _, batch_sums, batch_counts = self._batch_loss(batch)
-            sums += batch_sums
-            counts += batch_counts
+        per_dataset = {}
+        for name, loader in self.val_loader_factory().items():
+            dataset_sums = torch.zeros_like(sums)
+            dataset_counts = torch.zeros_like(counts)
+            for batch in loader:
+                _, batch_sums, batch_counts = self._batch_loss(batch)
+                dataset_sums += batch_sums
+                dataset_counts += batch_counts
+            sums += dataset_sums
+            counts += dataset_counts
+            for modality, loss in self._named_losses(dataset_sums, dataset_counts).items():
+                if modality != "all":
+                    per_dataset[f"{name}/{modality}"] = loss
         self.model.train()
-        return self._named_losses(sums, counts)
+        return {**self._named_losses(sums, counts), **per_dataset}
 
     def _log_validation(self) -> Dict[str, float]:
         losses = self.validate()
@@ -219,6 +229,21 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         log.info(f"Step {self.step} validation loss: {format_losses(losses)}")
         return losses
 
+    def token_shares(self) -> Dict[str, float]:
+        """Return each modality's share of the tokens trained on since this process started."""
+        total = max(int(self.modality_tokens.sum()), 1)
+        return {name: int(count) / total for name, count in zip(self.modality_names, self.modality_tokens)}
+
+    def _data_metrics(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """Return the running token shares and, with a curriculum, its maxima and drops at this batch."""
+        metrics = {f"data/token_share/{name}": share for name, share in self.token_shares().items()}
+        curriculum = batch.get("curriculum")
+        if curriculum is not None:
+            for name, limit in curriculum["max_span_tokens"].items():
+                metrics[f"curriculum/max_{name}_tokens"] = limit
+            metrics["curriculum/dropped_samples"] = curriculum["dropped_samples"]
+        return metrics
+
     def train(self) -> None:
         self.model.train()
         train_iter = iter(self.train_loader)
@@ -227,6 +252,8 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         progress = tqdm(total=self.max_steps, initial=self.step, desc="mol_finetune", dynamic_ncols=True)
         window_start = time.perf_counter()
         window_tokens = 0
+        # Tokens per modality that this process has trained on, padding left out.
+        self.modality_tokens = torch.zeros(len(self.modality_names), dtype=torch.long)
 
         while self.step < self.max_steps:
             sums = torch.zeros(len(self.modality_names), device=self.device)
@@ -238,6 +265,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
                 sums += batch_sums
                 counts += batch_counts
                 window_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+                self.modality_tokens += count_modality_tokens(batch, self.model.layout).cpu()
 
             # Normalise by the target tokens of the whole accumulated step, not per micro-batch.
             num_targets = counts.sum().clamp(min=1)
@@ -265,6 +293,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+                metrics.update(self._data_metrics(batch))
                 self.metric_logger.log_dict(metrics, step=self.step)
                 window_start, window_tokens = time.perf_counter(), 0
 
@@ -275,6 +304,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
 
         progress.close()
         self.final_losses = losses
+        log.info(f"Token shares trained on: {format_losses(self.token_shares())}")
         log.info(f"Step {self.step} training loss: {format_losses(losses)}")
 
     def cleanup(self) -> None:
@@ -289,7 +319,8 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.train()
     recipe.save_checkpoint(final=True)
     summary_path = recipe.output_dir / "summary.json"
-    summary_path.write_text(json.dumps({"step": recipe.step, "final_train_loss": recipe.final_losses}, indent=2))
+    summary = {"step": recipe.step, "final_train_loss": recipe.final_losses, "token_shares": recipe.token_shares()}
+    summary_path.write_text(json.dumps(summary, indent=2))
     recipe.cleanup()
 
 
