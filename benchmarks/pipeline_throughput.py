@@ -8,10 +8,10 @@ The script measures, in one process:
    and ``build_mixture_dataloader`` over the config's first data set and that shard. Each loader
    runs three times: without background threads, with the loader's prefetch thread, and with two
    sample-building threads and the prefetch thread.
-2. the training step of the default model, built by the recipe's own setup methods (the
-   pretrained SmolLM2 with MoL adapters, its optimizer and its learning rate schedule), with
-   forward, backward, gradient clipping and the optimizer step, timed over a few batches after
-   one warm-up step.
+2. the training step of the default model: the pretrained SmolLM2 with MoL adapters, its
+   optimizer and its learning rate schedule, all set up by the recipe's own methods. A step is
+   forward, backward, gradient clipping and the optimizer step. A few steps are timed after one
+   warm-up step.
 
 Tokens per second count packed positions (``batch_size * seq_len`` a batch, padding included), on
 both sides, because a training step costs the same whatever part of the sequence is padding. The
