@@ -136,6 +136,18 @@ def test_filter_rejects_text_and_unknown(shards):
         SpanLengthFilter(samples, LAYOUT, {"video": ConstantSchedule(5)})
 
 
+def test_filter_raises_when_nothing_fits(tmp_path):
+    path = str(tmp_path / "long_speech.parquet")
+    with ShardWriter(path, INFO) as writer:
+        for sample_id in range(10):
+            writer.write(sample_id, [("text", [5]), ("speech", [1, 2, 3, 4, 5])])
+    samples = build_sample_node(path, LAYOUT, eos_id=EOS)
+    span_filter = SpanLengthFilter(samples, LAYOUT, {"speech": ConstantSchedule(4)}, max_consecutive_drops=500)
+    span_filter.reset()
+    with pytest.raises(RuntimeError, match=r"dropped 500 samples in a row at step 0, with maximum spans \{'speech': 4\}"):
+        next(span_filter)
+
+
 def curriculum_loader(paths, batches_per_step=1, **kwargs):
     loader, _ = build_mixture_dataloader(
         paths,

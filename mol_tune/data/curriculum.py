@@ -183,17 +183,26 @@ class SpanLengthFilter(BaseNode[Dict[str, Any]]):
         source (BaseNode[Dict[str, Any]]): node yielding ``SampleBuilder`` outputs.
         layout (VocabularyLayout): the model's vocabulary layout.
         schedules (Mapping[str, LengthSchedule]): non-text modality -> schedule of its maximum span.
+        max_consecutive_drops (int): drops in a row after which ``next`` raises, because with an
+            endless source and no admissible sample it would otherwise never return. Default: 100000.
 
     Raises:
         KeyError: if a schedule names a modality the layout lacks.
         ValueError: if a schedule is given for text.
+        RuntimeError: from ``next``, after ``max_consecutive_drops`` drops in a row.
     """
 
     SOURCE_KEY = "source"
     STEP_KEY = "step"
     STATS_KEY = "stats"
 
-    def __init__(self, source: BaseNode[Dict[str, Any]], layout: VocabularyLayout, schedules: Mapping[str, LengthSchedule]):
+    def __init__(
+        self,
+        source: BaseNode[Dict[str, Any]],
+        layout: VocabularyLayout,
+        schedules: Mapping[str, LengthSchedule],
+        max_consecutive_drops: int = 100_000,
+    ):
         super().__init__()
         for name in schedules:
             if layout.modality_id(name) == 0:
@@ -201,6 +210,7 @@ class SpanLengthFilter(BaseNode[Dict[str, Any]]):
         self.source = source
         self.layout = layout
         self.schedules = dict(schedules)
+        self.max_consecutive_drops = max_consecutive_drops
         self.step = 0
         self.stats = self._empty_stats()
 
@@ -231,7 +241,7 @@ class SpanLengthFilter(BaseNode[Dict[str, Any]]):
 
     def next(self) -> Dict[str, Any]:
         limits = self.max_span_tokens()
-        while True:
+        for _ in range(self.max_consecutive_drops):
             sample = next(self.source)
             lengths = longest_spans(sample, self.layout)
             over = [name for name, limit in limits.items() if lengths[name] > limit]
@@ -241,6 +251,11 @@ class SpanLengthFilter(BaseNode[Dict[str, Any]]):
             self.stats["dropped_tokens"] += len(sample["tokens"])
             for name in over:
                 self.stats[f"dropped_samples/{name}"] += 1
+        raise RuntimeError(
+            f"The length curriculum dropped {self.max_consecutive_drops} samples in a row at step {self.step}, "
+            f"with maximum spans {limits}: the data has almost no sample that short. Raise the schedule's "
+            "first values, or mix in data with shorter spans."
+        )
 
     def get_state(self) -> Dict[str, Any]:
         return {self.SOURCE_KEY: self.source.state_dict(), self.STEP_KEY: self.step, self.STATS_KEY: dict(self.stats)}
