@@ -32,8 +32,7 @@ TUNE_COMMANDS = {
     "cp": "Copy a recipe or config to a local file; an existing file is kept unless --force is given.",
     "cat": "Print a config, showing the keys that `run` can override.",
     "validate": "Check that every component in a config accepts the config's arguments.",
-    "run": "Run a recipe with a config and key=value overrides; torchrun options such as "
-    "--nproc_per_node make it distributed.",
+    "run": "Run a recipe with a config and key=value overrides (mol_finetune runs in one process for now).",
     "download": "Download a model from the Hugging Face Hub (torchtune's `tune download`).",
 }
 

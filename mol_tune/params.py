@@ -178,7 +178,7 @@ def _resolve_builder(name: str, parser: argparse.ArgumentParser):
         reason = str(error).splitlines()[-1]
         parser.error(
             f"Builder not found: {name!r} ({reason}). mol_tune.models has: {', '.join(mol_tune.models.__all__)}. "
-            "Any other builder needs a dotted path, e.g. torchtune.models.llama3_2.lora_llama3_2_1b."
+            "Any other builder needs a dotted path, e.g. torchtune.models.llama3_2.llama3_2_1b."
         )
 
 
@@ -281,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     source.add_argument(
         "--builder",
         help="model builder: a name in mol_tune.models (e.g. mol_smollm2_135m) or a dotted path "
-        "(e.g. torchtune.models.llama3_2.lora_llama3_2_1b)",
+        "(e.g. torchtune.models.llama3_2.lora_llama3_2_1b, which also needs lora_attn_modules=[q_proj,v_proj])",
     )
     parser.add_argument(
         "--modality",

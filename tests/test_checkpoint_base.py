@@ -95,7 +95,7 @@ def test_load_leaves_folder_untouched(tiny_llama_dir):
 
 def test_load_missing_folder(tmp_path):
     missing = tmp_path / "no_such_model"
-    with pytest.raises(FileNotFoundError, match="convert_gguf") as error:
+    with pytest.raises(FileNotFoundError, match="mol-tune prepare-model") as error:
         load_base_state_dict(missing, "LLAMA3_2")
     assert str(missing) in str(error.value)
 

@@ -138,3 +138,8 @@ def test_builder_records_default_modalities():
     names = [m["name"] for m in model.build_config["kwargs"]["modalities"]]
     assert names == ["image", "speech"]
     assert model.layout.vocab_size == 151_936 + 8192 + 256 + 4
+
+
+def test_shared_mode_rejects_adapter_modalities():
+    with pytest.raises(ValueError, match="adapter_mode 'shared'"):
+        tiny_llama_pair(adapter_mode="shared", adapter_modalities=["image"])

@@ -111,3 +111,16 @@ def test_recipe_rejects_lr_for_missing_modality(default_assets, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode != 0
     assert "Invalid learning rate for ['speech']" in result.stderr
+
+
+def test_recipe_keeps_earlier_checkpoints(default_assets, tmp_path):
+    output_dir = tmp_path / "earlier"
+    (output_dir / "step_5").mkdir(parents=True)
+    marker = output_dir / "step_5" / "mol_config.json"
+    marker.write_text('{"kept": true}')
+    command = ["tune", "run", "mol_tune/recipes/mol_finetune", "--config", str(CONFIG),
+               f"output_dir={output_dir}", "max_steps=1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode != 0
+    assert "already holds checkpoints of an earlier run (step_5)" in result.stderr
+    assert marker.read_text() == '{"kept": true}'

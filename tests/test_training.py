@@ -62,3 +62,10 @@ def test_per_modality_loss_matches_loop():
     torch.testing.assert_close(sums, expected_sums)
     assert counts.tolist() == expected_counts.tolist()
     torch.testing.assert_close(total, expected_sums.sum())
+
+
+def test_param_groups_reject_invalid_rates():
+    _, model = tiny_llama_pair()
+    for bad in (-1e-3, "abc", float("nan")):
+        with pytest.raises(ValueError, match="Invalid lr.image"):
+            build_param_groups(model, {"default": 1e-3, "image": bad})

@@ -19,7 +19,7 @@ SUPPORTED_MODEL_TYPES = ("LLAMA3_2", "QWEN2")
 _ADAPTER_FILES = {"adapter_model.safetensors"}
 
 _PREPARE_HINT = (
-    "Run `python -m mol_tune.checkpointing.convert_gguf` to prepare the default SmolLM2 model, "
+    "Run `mol-tune prepare-model` to prepare the default SmolLM2 model, "
     "or pass the folder of a Hugging Face model (for example one from `tune download`)."
 )
 

@@ -314,6 +314,11 @@ def load_mol_model(
 
     with training.set_default_dtype(dtype), device_context:
         model = builder(**config["build_config"]["kwargs"])
+    if base_checkpoint_dir is None and not Path(base_dir).is_dir():
+        raise FileNotFoundError(
+            f"Base checkpoint folder {base_dir}, recorded in {checkpoint_dir / CONFIG_FILE}, not found. "
+            "Pass base_checkpoint_dir= with the folder of the same base model on this machine."
+        )
     model.load_base_state_dict(load_base_state_dict(base_dir, config["base_model_type"]))
     load_mol_state(model, checkpoint_dir)
     model.build_config = config["build_config"]

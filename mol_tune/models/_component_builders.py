@@ -93,6 +93,11 @@ def mol_decoder(
     if unknown_projections:
         raise ValueError(f"Invalid lora_attn_modules: {unknown_projections}. Choose from {ATTENTION_PROJECTIONS}.")
     if adapter_mode == "shared":
+        if adapter_modalities is not None:
+            raise ValueError(
+                f"Invalid adapter_modalities: {list(adapter_modalities)} with adapter_mode 'shared'. The shared "
+                "adapter serves every token; remove adapter_modalities or use adapter_mode 'per_modality'."
+            )
         adapters: List[str] = [SHARED]
     else:
         adapters = list(names if adapter_modalities is None else adapter_modalities)

@@ -6,16 +6,18 @@ per modality of the target token, for training and validation, to TensorBoard.
 """
 
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from torchdata.nodes import Loader
 from torchtune import config, training, utils
@@ -24,6 +26,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from mol_tune.checkpointing.base import load_base_state_dict
 from mol_tune.checkpointing.mol_checkpoint import load_mol_state, save_mol_checkpoint
 from mol_tune.data.config import build_training_loader, build_validation_loaders
+from mol_tune.data.image_vq import codebook_fingerprint
 from mol_tune.data.mixture import count_modality_tokens
 from mol_tune.training.loss import IGNORE_INDEX, per_modality_cross_entropy
 from mol_tune.training.param_groups import build_param_groups
@@ -39,6 +42,33 @@ def expand_path(path: Any) -> Path:
 
 def format_losses(losses: Dict[str, float]) -> str:
     return " ".join(f"{name}={value:.4f}" for name, value in losses.items())
+
+
+def check_loop_settings(cfg: DictConfig) -> None:
+    """Raise ValueError naming the config key of an invalid loop or length setting."""
+    minimums = {
+        "max_steps": 0,
+        "gradient_accumulation_steps": 1,
+        "log_every_n_steps": 1,
+        "eval_every_n_steps": 0,
+        "save_every_n_steps": 0,
+    }
+    for key, minimum in minimums.items():
+        value = cfg.get(key, minimum)
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"Invalid {key}: {value!r}. It must be an integer >= {minimum}.")
+    seq_len = cfg.data.get("seq_len", None)
+    max_seq_len = cfg.model.get("max_seq_len", None)
+    if seq_len is not None and max_seq_len is not None and int(seq_len) > int(max_seq_len):
+        raise ValueError(
+            f"Invalid data.seq_len: {seq_len} is longer than model.max_seq_len ({max_seq_len}). "
+            "Raise model.max_seq_len or lower data.seq_len."
+        )
+
+
+def find_earlier_checkpoints(output_dir: Path) -> List[Path]:
+    """Return the step_<N> folders in ``output_dir`` that hold a saved MoL checkpoint."""
+    return sorted(p for p in output_dir.glob("step_*") if (p / "mol_config.json").is_file())
 
 
 class MoLFinetuneRecipe(FTRecipeInterface):
@@ -65,24 +95,34 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         self.eval_every = int(cfg.get("eval_every_n_steps", 0))
         self.save_every = int(cfg.get("save_every_n_steps", 0))
         self.step = 0
+        self.final_losses: Dict[str, float] = {}
+        check_loop_settings(cfg)
         self.seed = training.set_seed(seed=cfg.seed)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("mol_finetune runs in one process for now; start it without --nproc_per_node.")
 
     def setup(self, cfg: DictConfig) -> None:
+        resume_dir = cfg.get("resume_from_checkpoint", None)
+        earlier = find_earlier_checkpoints(self.output_dir)
+        if earlier and not resume_dir:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} already holds checkpoints of an earlier run "
+                f"({', '.join(p.name for p in earlier)}). Set another output_dir, or continue that run "
+                f"with resume_from_checkpoint={earlier[-1]}."
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metric_logger = config.instantiate(cfg.metric_logger)
         self.metric_logger.log_config(cfg)
 
         self.model = self._setup_model(cfg)
         self.modality_names = self.model.layout.modality_names
+        self.modality_tokens = torch.zeros(len(self.modality_names), dtype=torch.long)
         self.optimizer = self._setup_optimizer(cfg)
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.max_steps, last_epoch=-1
         )
         self.train_loader = self._setup_data(cfg)
 
-        resume_dir = cfg.get("resume_from_checkpoint", None)
         if resume_dir:
             self._resume(expand_path(resume_dir))
 
@@ -151,6 +191,14 @@ class MoLFinetuneRecipe(FTRecipeInterface):
                 "resume_from_checkpoint at a step_<N> folder written by this recipe."
             )
         load_mol_state(self.model, checkpoint_dir)
+        for name, expected in self.codebook_fingerprints.items():
+            saved = codebook_fingerprint(getattr(self.model.tok_embeddings.codebooks, name))
+            if saved != expected:
+                raise ValueError(
+                    f"Cannot resume from {checkpoint_dir}: its {name} codebook (sha256 {saved[:16]}) differs from "
+                    f"the configured tokenizers.{name} (sha256 {expected[:16]}). The data was re-tokenized "
+                    "since that run; point the config at the tokenizer and shards the run started with."
+                )
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -245,67 +293,72 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         return metrics
 
     def train(self) -> None:
+        if self.step >= self.max_steps:
+            log.info(f"Nothing to train: the run is at step {self.step} and max_steps is {self.max_steps}.")
+            return
         self.model.train()
         train_iter = iter(self.train_loader)
-        if self.step == 0 and self.eval_every > 0:
-            self._log_validation()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc="mol_finetune", dynamic_ncols=True)
-        window_start = time.perf_counter()
-        window_tokens = 0
-        # Tokens per modality that this process has trained on, padding left out.
-        self.modality_tokens = torch.zeros(len(self.modality_names), dtype=torch.long)
-
-        while self.step < self.max_steps:
-            sums = torch.zeros(len(self.modality_names), device=self.device)
-            counts = torch.zeros(len(self.modality_names), device=self.device, dtype=torch.long)
-            for _ in range(self.grad_accumulation):
-                batch = next(train_iter)
-                loss_sum, batch_sums, batch_counts = self._batch_loss(batch)
-                loss_sum.backward()
-                sums += batch_sums
-                counts += batch_counts
-                window_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-                self.modality_tokens += count_modality_tokens(batch, self.model.layout).cpu()
-
-            # Normalise by the target tokens of the whole accumulated step, not per micro-batch.
-            num_targets = counts.sum().clamp(min=1)
-            training.scale_grads(self.model, 1.0 / num_targets)
-            grad_norm = None
-            if self.clip_grad_norm is not None:
-                trainable = [p for p in self.model.parameters() if p.requires_grad]
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(self.clip_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
-            self.step += 1
-
-            losses = self._named_losses(sums, counts)
-            if not torch.isfinite(torch.tensor(losses["all"])):
-                raise RuntimeError(f"Non-finite training loss {losses['all']} at step {self.step}; stopping.")
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses['all']:.3f}")
-
-            if self.step % self.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                metrics = {("loss/train" if k == "all" else f"loss/train/{k}"): v for k, v in losses.items()}
-                for group in self.optimizer.param_groups:
-                    metrics[f"lr/{group['name']}"] = group["lr"]
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
-                metrics.update(self._data_metrics(batch))
-                self.metric_logger.log_dict(metrics, step=self.step)
-                window_start, window_tokens = time.perf_counter(), 0
-
-            if self.eval_every > 0 and self.step % self.eval_every == 0:
+        with logging_redirect_tqdm(loggers=[log]):
+            if self.step == 0 and self.eval_every > 0:
                 self._log_validation()
-            if self.save_every > 0 and self.step % self.save_every == 0 and self.step < self.max_steps:
-                self.save_checkpoint()
-
-        progress.close()
-        self.final_losses = losses
+            progress = tqdm(total=self.max_steps, initial=self.step, desc="mol_finetune", dynamic_ncols=True)
+            while self.step < self.max_steps:
+                self._train_step(train_iter, progress)
+            progress.close()
         log.info(f"Token shares trained on: {format_losses(self.token_shares())}")
-        log.info(f"Step {self.step} training loss: {format_losses(losses)}")
+        log.info(f"Step {self.step} training loss: {format_losses(self.final_losses)}")
+
+    def _train_step(self, train_iter, progress: tqdm) -> None:
+        """Run one optimizer step over ``gradient_accumulation_steps`` batches, then log, validate and save."""
+        started = time.perf_counter()
+        sums = torch.zeros(len(self.modality_names), device=self.device)
+        counts = torch.zeros(len(self.modality_names), device=self.device, dtype=torch.long)
+        num_tokens = 0
+        for _ in range(self.grad_accumulation):
+            batch = next(train_iter)
+            loss_sum, batch_sums, batch_counts = self._batch_loss(batch)
+            loss_sum.backward()
+            sums += batch_sums
+            counts += batch_counts
+            num_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            self.modality_tokens += count_modality_tokens(batch, self.model.layout).cpu()
+
+        losses = self._named_losses(sums, counts)
+        if not math.isfinite(losses["all"]):
+            # Stop before the optimizer step, so the weights and the last checkpoint stay finite.
+            raise RuntimeError(
+                f"Non-finite training loss {losses['all']} at step {self.step + 1}; stopping without updating "
+                "the weights. Lower the learning rates or check the data of this step."
+            )
+        # Normalise by the target tokens of the whole accumulated step, not per micro-batch.
+        training.scale_grads(self.model, 1.0 / counts.sum().clamp(min=1))
+        grad_norm = None
+        if self.clip_grad_norm is not None:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(self.clip_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.step += 1
+        self.final_losses = losses
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses['all']:.3f}")
+
+        if self.step % self.log_every == 0:
+            metrics = {("loss/train" if k == "all" else f"loss/train/{k}"): v for k, v in losses.items()}
+            for group in self.optimizer.param_groups:
+                metrics[f"lr/{group['name']}"] = group["lr"]
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            # Measured over this step alone, so validation and checkpoint time are left out.
+            metrics["tokens_per_second"] = num_tokens / max(time.perf_counter() - started, 1e-9)
+            metrics.update(self._data_metrics(batch))
+            self.metric_logger.log_dict(metrics, step=self.step)
+
+        if self.eval_every > 0 and self.step % self.eval_every == 0:
+            self._log_validation()
+        if self.save_every > 0 and self.step % self.save_every == 0 and self.step < self.max_steps:
+            self.save_checkpoint()
 
     def cleanup(self) -> None:
         self.metric_logger.close()
@@ -316,8 +369,10 @@ def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="MoLFinetuneRecipe", cfg=cfg)
     recipe = MoLFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
+    start_step = recipe.step
     recipe.train()
-    recipe.save_checkpoint(final=True)
+    if recipe.step > start_step:
+        recipe.save_checkpoint(final=True)
     summary_path = recipe.output_dir / "summary.json"
     summary = {"step": recipe.step, "final_train_loss": recipe.final_losses, "token_shares": recipe.token_shares()}
     summary_path.write_text(json.dumps(summary, indent=2))

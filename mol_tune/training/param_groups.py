@@ -1,5 +1,6 @@
 """Optimizer parameter groups: one per modality's adapters and norms, plus a base group."""
 
+import math
 from typing import Any, Dict, List, Mapping
 
 from torch import nn
@@ -38,15 +39,23 @@ def build_param_groups(
         and ``weight_decay``, in a fixed order (``base`` first, then by name).
 
     Raises:
-        ValueError: if a learning rate names a group the model does not have, or a group has no
-            learning rate and there is no ``default``.
+        ValueError: if a learning rate is negative or not a number, names a group the model does
+            not have, or a group has no learning rate and there is no ``default``.
     """
     params: Dict[str, List[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             params.setdefault(parameter_group_name(name), []).append(parameter)
 
-    rates = {str(k): float(v) for k, v in dict(learning_rates).items()}
+    rates = {}
+    for group, value in dict(learning_rates).items():
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"Invalid lr.{group}: {value!r}. A learning rate is a finite number >= 0.")
+        rates[str(group)] = rate
     unknown = sorted(set(rates) - set(params) - {"default"})
     if unknown:
         raise ValueError(
