@@ -28,6 +28,7 @@ from mol_tune.checkpointing.mol_checkpoint import load_mol_state, save_mol_check
 from mol_tune.data.config import build_training_loader, build_validation_loaders
 from mol_tune.data.image_vq import codebook_fingerprint
 from mol_tune.data.mixture import count_modality_tokens
+from mol_tune.data.tokenizer_match import check_text_tokenizer
 from mol_tune.training.loss import IGNORE_INDEX, per_modality_cross_entropy
 from mol_tune.training.param_groups import build_param_groups
 
@@ -175,6 +176,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         else:
             rank, world_size = 0, 1
         options = dict(seed=self.seed, rank=rank, world_size=world_size, codebook_fingerprints=self.codebook_fingerprints)
+        check_text_tokenizer(cfg.data, str(expand_path(cfg.base_checkpoint.checkpoint_dir)))
         loader, plan = build_training_loader(
             cfg.data, self.model.layout, batches_per_step=self.grad_accumulation, **options
         )
