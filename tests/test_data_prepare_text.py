@@ -150,6 +150,12 @@ def test_main_parses_arguments(tokenizer_dir, source_dir, tmp_path):
     assert (settings["max_tokens"], settings["seed"]) == (9, 3)
 
 
+def test_main_writes_into_cache(tokenizer_dir, source_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOL_TUNE_CACHE", str(tmp_path / "cache"))
+    main(["--tokenizer-dir", tokenizer_dir, "--source-dir", source_dir])
+    assert (tmp_path / "cache" / "data" / "sklearn_text" / "dataset.json").is_file()
+
+
 def test_default_source_is_sklearn_prose():
     files = source_files(default_source_dir())
     assert any(path.endswith("iris.rst") for path in files)

@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import yaml
 from tqdm import tqdm
 
+from mol_tune.cache import default_cache_dir
 from mol_tune.data import bad_input
 from mol_tune.data.bad_input import BadInputError, SkipCounter, check_on_error
 from mol_tune.data.conversion_state import (
@@ -57,7 +58,7 @@ from mol_tune.data.item_encoder import IMAGE, MEDIA_FIELD, MODALITIES, SPEECH, T
 from mol_tune.data.manifest import TEXT_UNITS, RawItem, count_items, iter_items
 from mol_tune.data.media import IMAGE_MODES
 from mol_tune.data.modality_tokenizer import COMPONENT_KEY, describe_spec, load_modality_tokenizer
-from mol_tune.data.prepare_digits import CACHE_ENV, load_text_tokenizer
+from mol_tune.data.prepare_digits import load_text_tokenizer
 from mol_tune.data.shards import FORMAT_VERSION, CodebookInfo, ShardInfo, ShardWriter
 from mol_tune.vocab import TEXT
 
@@ -67,8 +68,7 @@ PATCH_VQ_LOADER = "mol_tune.data.image_vq.PatchVQTokenizer.load"
 
 
 def _default_tokenizer_dir() -> str:
-    cache_dir = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mol_tune")
-    return os.path.join(cache_dir, "models", "SmolLM2-135M-Instruct")
+    return os.path.join(default_cache_dir(), "models", "SmolLM2-135M-Instruct")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from mol_tune.cache import default_cache_dir
 from mol_tune.data.digits import DATASET_NAME, load_captioned_digits
 from mol_tune.data.image_vq import PatchVQTokenizer
 from mol_tune.data.shards import FORMAT_VERSION, CodebookInfo, ShardInfo, ShardReader, ShardWriter
@@ -33,12 +34,6 @@ IMAGE = "image"
 SPLITS = ("train", "validation")
 SUMMARY_FILE = "dataset.json"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
-# The cache root that mol_tune.checkpointing.convert_gguf writes the base model into.
-CACHE_ENV = "MOL_TUNE_CACHE"
-
-
-def _default_cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mol_tune")
 
 
 def _file_sha256(path: str) -> str:
@@ -235,7 +230,7 @@ def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Prepare the captioned digits data set as Parquet shards.")
-    cache_dir = _default_cache_dir()
+    cache_dir = default_cache_dir()
     parser.add_argument(
         "--tokenizer-dir",
         default=os.path.join(cache_dir, "models", "SmolLM2-135M-Instruct"),

@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from mol_tune.data.prepare_digits import _default_cache_dir, load_text_tokenizer
+from mol_tune.cache import default_cache_dir
+from mol_tune.data.prepare_digits import load_text_tokenizer
 from mol_tune.data.shards import FORMAT_VERSION, ShardInfo, ShardReader, ShardWriter
 from mol_tune.vocab import TEXT
 
@@ -262,7 +263,7 @@ def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Prepare English text files as text-only Parquet shards.")
-    cache_dir = _default_cache_dir()
+    cache_dir = default_cache_dir()
     parser.add_argument(
         "--tokenizer-dir",
         default=os.path.join(cache_dir, "models", "SmolLM2-135M-Instruct"),
