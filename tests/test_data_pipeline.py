@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mol_tune.data.packing import Packer
+from mol_tune.data.packing import Packer, causal_mask, packed_attention_mask
 from mol_tune.data.pipeline import build_dataloader, build_sample_node
 from mol_tune.data.samples import SampleBuilder
 from mol_tune.data.shards import SCHEMA, CodebookInfo, ShardError, ShardInfo, ShardWriter
@@ -355,3 +355,21 @@ def test_unreadable_shard_names_file(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(ShardError, match="garbage.parquet"):
         build_dataloader(str(path), LAYOUT)
+
+
+def test_causal_mask_built_once_per_length():
+    cpu = torch.device("cpu")
+    mask = causal_mask(12, cpu)
+    assert causal_mask(12, cpu) is mask
+    assert mask.tolist() == [[j <= i for j in range(12)] for i in range(12)]
+    assert causal_mask(5, cpu).tolist() == [[j <= i for j in range(5)] for i in range(5)]
+
+
+def test_attention_mask_matches_loop():
+    rng = np.random.default_rng(1)
+    for seq_len in (7, 16, 7):
+        document_ids = torch.from_numpy(np.sort(rng.integers(0, 4, (3, seq_len)), axis=-1))
+        mask = packed_attention_mask(document_ids)
+        for row, documents in enumerate(document_ids.tolist()):
+            expected = [[j <= i and documents[i] == documents[j] for j in range(seq_len)] for i in range(seq_len)]
+            assert mask[row].tolist() == expected

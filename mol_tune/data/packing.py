@@ -1,5 +1,6 @@
 """Packing of whole samples into fixed-length sequences, and collation of packed sequences into batches."""
 
+import functools
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -163,6 +164,15 @@ class Packer(BaseNode[Dict[str, Any]]):
         }
 
 
+@functools.lru_cache(maxsize=8)
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """Return the bool [s, s] causal mask, True where ``j <= i``, built once per length and device.
+
+    Every call with the same arguments returns the same tensor, so callers must not modify it.
+    """
+    return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+
+
 def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Build the attention mask of packed sequences: causal and within the same document.
 
@@ -173,8 +183,7 @@ def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
         torch.Tensor: bool [b, s, s], True where query position ``i`` may attend to key position ``j``.
         The diagonal is always True, so no row is all False.
     """
-    seq_len = document_ids.shape[-1]
-    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device))
+    causal = causal_mask(document_ids.shape[-1], document_ids.device)
     same_document = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
     return same_document & causal
 
