@@ -15,6 +15,7 @@ from mol_tune.data.shards import (
     ShardWriter,
     read_shard_info,
 )
+from mol_tune.data.source import expand_shard_paths
 from mol_tune.vocab import VocabularyLayout
 
 FINGERPRINT = "ab" * 32
@@ -180,3 +181,36 @@ def test_layout_codebook_size_mismatch(tmp_path):
     layout = VocabularyLayout(100, ({"name": "image", "num_codes": 16, "codebook_dim": 4},))
     with pytest.raises(ShardError, match="has 8 codes of dimension 4, but the model has 16"):
         ShardReader(path, layout)
+
+
+def test_unreadable_file_message_names_commands(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(ShardError) as caught:
+        read_shard_info(str(path))
+    message = str(caught.value)
+    assert ".." not in message
+    assert "`mol-tune prepare-digits --force`" in message
+    assert "`mol-tune make-shards`" in message
+
+
+def test_missing_shard_names_commands(tmp_path):
+    for missing in (str(tmp_path / "absent.parquet"), str(tmp_path)):
+        with pytest.raises(FileNotFoundError) as caught:
+            expand_shard_paths(missing)
+        message = str(caught.value)
+        assert "`mol-tune prepare-digits`" in message
+        assert "`mol-tune prepare-text`" in message
+        assert "`mol-tune make-shards`" in message
+
+
+def test_codebook_size_mismatch_names_fix(tmp_path):
+    path = str(tmp_path / "shard.parquet")
+    write_raw_shard(path, SAMPLES)
+    layout = VocabularyLayout(100, ({"name": "image", "num_codes": 16, "codebook_dim": 4},))
+    with pytest.raises(ShardError) as caught:
+        ShardReader(path, layout)
+    message = str(caught.value)
+    assert "model.modalities" in message
+    assert "num_codes: 8, codebook_dim: 4" in message
+    assert "re-tokenize the data with the model's codebook" in message

@@ -55,6 +55,23 @@ SCHEMA = pa.schema(
 _KEY_PREFIX = "mol_tune."
 _REQUIRED_KEYS = ("format_version", "dataset", "text_tokenizer", "modalities")
 
+# The commands that write shards, for the next step of an error about a missing or a broken shard.
+# prepare-digits and prepare-text keep an output that they find up to date unless given --force,
+# and make-shards keeps the shards that its conversion.json records.
+WRITE_SHARDS_COMMANDS = (
+    "`mol-tune prepare-digits` or `mol-tune prepare-text` for the bundled data sets, "
+    "`mol-tune make-shards` for your own data"
+)
+REWRITE_SHARDS_COMMANDS = (
+    "`mol-tune prepare-digits --force` or `mol-tune prepare-text --force` for the bundled data sets, "
+    "`mol-tune make-shards` into an empty output folder for your own data"
+)
+
+
+def _error_text(error: BaseException) -> str:
+    """Return an error's message without its final period, so a sentence can follow it."""
+    return str(error).rstrip().rstrip(".")
+
 
 class ShardError(BadInputError):
     """A shard cannot be read, or a row in it is invalid. The message names the file and the row.
@@ -134,7 +151,7 @@ class ShardInfo:
         if values["format_version"] != str(FORMAT_VERSION):
             raise ShardError(
                 f"Invalid shard {path}: format version {values['format_version']!r}, but this version of "
-                f"mol_tune reads version {FORMAT_VERSION}. Prepare the data again.",
+                f"mol_tune reads version {FORMAT_VERSION}. Write the shards again: {REWRITE_SHARDS_COMMANDS}.",
                 reason=bad_input.INVALID_SHARD,
             )
         try:
@@ -191,13 +208,15 @@ def validate_sample(
     segments = _as_segments(segments)
     if not segments:
         raise ShardError(
-            f"{where}: the sample is empty (no segments). Drop the row or prepare the data again.",
+            f"{where}: the sample is empty (no segments). Remove the row from the input data, or skip bad "
+            "rows with on_error: skip.",
             reason=bad_input.EMPTY_SAMPLE,
         )
     for index, (modality, tokens) in enumerate(segments):
         if len(tokens) == 0:
             raise ShardError(
-                f"{where}: segment {index} ({modality}) has no tokens. Drop the row or prepare the data again.",
+                f"{where}: segment {index} ({modality}) has no tokens. Remove the row from the input data, or "
+                "skip bad rows with on_error: skip.",
                 reason=bad_input.EMPTY_SAMPLE,
             )
         low, high = min(tokens), max(tokens)
@@ -257,7 +276,10 @@ def check_shard_compatible(
             raise ShardError(
                 f"Invalid shard {path}: modality {name!r} has {codebook.num_codes} codes of dimension "
                 f"{codebook.codebook_dim}, but the model has {modality.num_codes} of dimension "
-                f"{modality.codebook_dim}. The shard was tokenized with another codebook.",
+                f"{modality.codebook_dim}. The shard was tokenized with another codebook. Either set {name!r} in "
+                f"model.modalities of the config to num_codes: {codebook.num_codes}, codebook_dim: "
+                f"{codebook.codebook_dim} and load the tokenizer that made the shard (tokenizers.{name}), or "
+                "re-tokenize the data with the model's codebook.",
                 reason=bad_input.CODEBOOK_MISMATCH,
             )
         if codebook_fingerprints is None:
@@ -272,8 +294,10 @@ def check_shard_compatible(
         if expected != codebook.codebook_fingerprint:
             raise ShardError(
                 f"Invalid shard {path}: the {name} codebook fingerprint {codebook.codebook_fingerprint} differs "
-                f"from the model's {expected}. The shard was tokenized with another codebook. Prepare the data "
-                f"with the model's {name} tokenizer, or set the model up with the shard's codebook.",
+                f"from the model's {expected}. The shard was tokenized with another codebook. Either load the "
+                f"tokenizer that made the shard (tokenizers.{name} in the config), or re-tokenize the data with "
+                f"the model's {name} tokenizer (`mol-tune make-shards`, or `mol-tune prepare-digits --force` "
+                "for the digits).",
                 reason=bad_input.CODEBOOK_MISMATCH,
             )
 
@@ -354,7 +378,8 @@ def read_shard_info(path: str) -> ShardInfo:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as error:
         raise ShardError(
-            f"Failed to read shard {path}: {error}. Check the path, or prepare the data again.",
+            f"Failed to read shard {path}: {_error_text(error)}. Check the path, or write the shards again: "
+            f"{REWRITE_SHARDS_COMMANDS}.",
             reason=bad_input.UNREADABLE_FILE,
         ) from None
     for expected in SCHEMA:
@@ -408,7 +433,9 @@ class ShardReader:
             self.num_rows = pq.ParquetFile(path).metadata.num_rows
         except (OSError, pa.ArrowException) as error:
             raise ShardError(
-                f"Failed to read shard {path}: {error}. Prepare the data again.", reason=bad_input.UNREADABLE_FILE
+                f"Failed to read shard {path}: {_error_text(error)}. Write the shards again: "
+                f"{REWRITE_SHARDS_COMMANDS}.",
+                reason=bad_input.UNREADABLE_FILE,
             ) from None
         # Per row group: its first row, and its (sample_id, segments) columns, or None if it is damaged.
         self._group_starts: Optional[List[int]] = None
@@ -428,8 +455,9 @@ class ShardReader:
                 groups.append((table.column("sample_id").combine_chunks(), table.column("segments").combine_chunks()))
             except (OSError, pa.ArrowException) as error:
                 message = (
-                    f"Failed to read shard {self.path}, rows {first_row} to {first_row + rows - 1}: {error}. "
-                    "The file is damaged, so prepare the data again."
+                    f"Failed to read shard {self.path}, rows {first_row} to {first_row + rows - 1}: "
+                    f"{_error_text(error)}. The file is damaged. Skip damaged rows with data.on_error: skip, or "
+                    f"write the shards again: {REWRITE_SHARDS_COMMANDS}."
                 )
                 if self.on_error == "raise":
                     raise ShardError(message, reason=bad_input.UNREADABLE_FILE) from None

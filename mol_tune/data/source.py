@@ -9,7 +9,13 @@ import numpy as np
 from torchdata.nodes import BaseNode
 
 from mol_tune.data.bad_input import SkipCounter, check_on_error
-from mol_tune.data.shards import ShardError, ShardReader, check_shard_compatible, read_shard_info
+from mol_tune.data.shards import (
+    WRITE_SHARDS_COMMANDS,
+    ShardError,
+    ShardReader,
+    check_shard_compatible,
+    read_shard_info,
+)
 from mol_tune.vocab import VocabularyLayout
 
 log = logging.getLogger(__name__)
@@ -28,12 +34,17 @@ def expand_shard_paths(paths: Union[str, Sequence[str]]) -> List[str]:
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(path, "*.parquet")))
             if not found:
-                raise FileNotFoundError(f"No .parquet shard found in folder {path}. Prepare the data first.")
+                raise FileNotFoundError(
+                    f"No .parquet shard found in folder {path}. Fix the path, or write the shards first: "
+                    f"{WRITE_SHARDS_COMMANDS}."
+                )
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"Shard not found: {path}. Prepare the data first or fix the path.")
+            raise FileNotFoundError(
+                f"Shard not found: {path}. Fix the path, or write the shards first: {WRITE_SHARDS_COMMANDS}."
+            )
     if not files:
         raise FileNotFoundError("No shard paths given. Pass at least one Parquet file or folder.")
     return files
