@@ -20,9 +20,12 @@ from torchdata.nodes import Loader, ParallelMapper
 
 from media_tokenizers import FrameKMeansTokenizer
 from mol_tune.data.bad_input import BadInputError, SkipCounter
+from mol_tune.data.config import build_training_loader, build_validation_loaders
 from mol_tune.data.conversion_state import STATE_FILE
 from mol_tune.data.convert import ConvertConfig, make_shards, parse_config
 from mol_tune.data.image_vq import PatchVQTokenizer
+from mol_tune.data.mixture import measure_dataset_profile
+from mol_tune.data.pipeline import build_dataloader, build_mixture_dataloader
 from mol_tune.data.samples import SampleBuilder
 from mol_tune.data.shards import SCHEMA, CodebookInfo, ShardError, ShardInfo, ShardReader, ShardWriter
 from mol_tune.data.source import ShardSource
@@ -215,6 +218,20 @@ def test_skip_counter_logs_powers_of_ten(caplog):
     assert counter.summary() == "1000 rows skipped (empty_sample: 1000)"
 
 
+def test_skip_counter_counts_groups(caplog):
+    counter = SkipCounter("row", logging.getLogger("test.groups"), max_logged=5)
+    with caplog.at_level(logging.WARNING, logger="test.groups"):
+        counter.record(BadInputError("rows 0 to 24 damaged", "unreadable_file"), 25)
+        counter.record(BadInputError("rows 25 to 49 damaged", "unreadable_file"), 25)
+        counter.record(BadInputError("rows 50 to 129 damaged", "unreadable_file"), 80)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0] == "Skipped 25 rows (unreadable_file): rows 0 to 24 damaged"
+    assert "counted and not logged in full" in messages[1]
+    # 50 passes no power of ten after 25, and 130 passes 100.
+    assert messages[2:] == ["Skipped 130 rows for unreadable_file so far."]
+    assert counter.counts == {"unreadable_file": 130}
+
+
 def write_wav(path, samples, rate=8000):
     with wave.open(str(path), "wb") as file:
         file.setnchannels(1)
@@ -396,6 +413,11 @@ def test_all_shards_skipped_raises(mixed_shards):
         ShardSource(mixed_shards[1:], LAYOUT, codebook_fingerprints={"image": FINGERPRINT}, on_error="skip")
 
 
+def take(loader, count):
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
 def damage_row_group(path, group):
     """Overwrite the first column chunk of a row group with 0xFF bytes."""
     column = pq.ParquetFile(path).metadata.row_group(group).column(0)
@@ -447,3 +469,131 @@ def test_writer_error_carries_reason(tmp_path):
             writer.write(0, [("image", [9])])
     assert caught.value.reason == "code_out_of_range"
     assert not os.path.exists(tmp_path / "w.parquet")
+
+
+# The skip policy through the loaders, the token count of the mixture and the data config.
+
+
+def row_skips(counts):
+    return {f"rows/{reason}": count for reason, count in counts.items()}
+
+
+def test_loader_skips_and_counts(bad_rows_shard, mixed_shards):
+    bad_path, good, counts = bad_rows_shard
+    paths = [mixed_shards[0], mixed_shards[1], bad_path]
+    loader = build_dataloader(
+        paths, LAYOUT, seq_len=16, batch_size=1, shuffle=False, infinite=False, on_error="skip",
+        codebook_fingerprints={"image": FINGERPRINT},
+    )  # fmt: skip
+    batches = list(loader)
+    ids = [i for batch in batches for row in batch["sample_ids"] for i in row]
+    assert ids == [0, 1, 2, 3, 4] + good
+    assert batches[0]["skipped"] == {"shards/unreadable_file": 1}
+    assert batches[-1]["skipped"] == {"shards/unreadable_file": 1, **row_skips(counts)}
+    for before, after in zip(batches, batches[1:]):
+        assert all(after["skipped"].get(key, 0) >= count for key, count in before["skipped"].items())
+
+
+def test_loader_raises_by_default(mixed_shards):
+    with pytest.raises(ShardError, match=r"b_garbage\.parquet"):
+        build_dataloader(mixed_shards[:2], LAYOUT, seq_len=16)
+
+
+def test_skip_counts_in_batches_survive_resume(bad_rows_shard):
+    path, _, _ = bad_rows_shard
+    kwargs = dict(seq_len=12, batch_size=1, seed=1, on_error="skip")
+    # 4 good rows an epoch, two to a sequence, so 9 batches read 4.5 epochs of bad rows.
+    reference = take(build_dataloader(path, LAYOUT, **kwargs), 9)
+    first = build_dataloader(path, LAYOUT, **kwargs)
+    head = take(first, 4)
+    resumed = build_dataloader(path, LAYOUT, **kwargs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = take(resumed, 5)
+    assert [b["skipped"] for b in head + tail] == [b["skipped"] for b in reference]
+    assert sum(reference[-1]["skipped"].values()) >= 4 * 4
+
+
+def test_resume_at_end_of_pass(bad_rows_shard):
+    path, good, _ = bad_rows_shard
+    source = ShardSource(path, LAYOUT, shuffle=False, infinite=False, on_error="skip")
+    assert [next(source)["sample_id"] for _ in good] == good
+    resumed = ShardSource(path, LAYOUT, shuffle=False, infinite=False, on_error="skip")
+    resumed.reset(json.loads(json.dumps(source.state_dict())))
+    assert list(resumed) == []
+
+
+def test_mixture_count_raises_naming_file(mixed_shards):
+    with pytest.raises(ShardError, match=r"b_garbage\.parquet") as caught:
+        build_mixture_dataloader({"toy": mixed_shards[:2]}, LAYOUT, seq_len=16)
+    assert caught.value.reason == "unreadable_file"
+
+
+def test_mixture_count_skips_bad_shards(mixed_shards):
+    loader, plan = build_mixture_dataloader(
+        {"toy": mixed_shards}, LAYOUT, seq_len=12, codebook_fingerprints={"image": FINGERPRINT}, on_error="skip"
+    )
+    profile = plan.profiles[0]
+    assert profile.num_samples == 5
+    assert profile.skipped == {"shards/unreadable_file": 1, "shards/codebook_mismatch": 1}
+    assert "skipped as invalid" in plan.describe()[0]
+    batches = take(loader, 4)
+    assert {i for batch in batches for row in batch["sample_ids"] for i in row} <= {0, 1, 2, 3, 4}
+    assert batches[-1]["skipped"] == {"shards/unreadable_file": 1, "shards/codebook_mismatch": 1}
+
+
+def test_mixture_count_damaged_row_group(tmp_path):
+    path = write_rows(tmp_path / "damaged.parquet", [good_row(i) for i in range(20)], row_group_size=10)
+    damage_row_group(path, 1)
+    with pytest.raises(ShardError, match=r"damaged\.parquet, rows 10 to 19"):
+        measure_dataset_profile("toy", path, LAYOUT)
+    profile = measure_dataset_profile("toy", path, LAYOUT, on_error="skip")
+    assert profile.num_samples == 10
+    assert profile.skipped == {"rows/unreadable_file": 10}
+
+
+def test_mixture_count_unknown_modality_row(bad_rows_shard):
+    path, _, _ = bad_rows_shard
+    with pytest.raises(ShardError, match=r"bad\.parquet, row 4: it has modality 'smell'") as caught:
+        measure_dataset_profile("toy", path, LAYOUT)
+    assert caught.value.reason == "unknown_modality"
+    profile = measure_dataset_profile("toy", path, LAYOUT, on_error="skip")
+    # Row 1 is empty, so it counts as excluded, not as skipped. Rows 3 and 6 are bad only in their values.
+    assert (profile.num_samples, profile.num_excluded) == (6, 1)
+    assert profile.skipped == {"rows/unknown_modality": 1}
+
+
+def test_data_config_passes_on_error(bad_rows_shard, mixed_shards):
+    bad_path, good, counts = bad_rows_shard
+    section = {
+        "datasets": [{"name": "toy", "train": [mixed_shards[0], mixed_shards[1], bad_path], "validation": [bad_path]}],
+        "seq_len": 12,
+        "batch_size": 2,
+    }
+    with pytest.raises(ShardError, match=r"b_garbage\.parquet"):
+        build_training_loader(section, LAYOUT)
+
+    section["on_error"] = "skip"
+    loader, plan = build_training_loader(section, LAYOUT)
+    assert plan.profiles[0].skipped == {"shards/unreadable_file": 1, "rows/unknown_modality": 1}
+    assert take(loader, 3)[-1]["skipped"]["shards/unreadable_file"] == 1
+
+    batches = list(build_validation_loaders(section, LAYOUT)["toy"])
+    assert [i for batch in batches for row in batch["sample_ids"] for i in row] == good
+    assert batches[-1]["skipped"] == row_skips(counts)
+
+
+def test_data_config_rejects_unknown_policy(bad_rows_shard):
+    section = {"train": bad_rows_shard[0], "seq_len": 12, "batch_size": 2, "on_error": "ignore"}
+    with pytest.raises(ValueError, match=r"Invalid data.on_error: 'ignore'"):
+        build_training_loader(section, LAYOUT)
+
+
+@pytest.mark.parametrize("infinite", [False, True])
+def test_all_rows_skipped_raises(tmp_path, infinite):
+    rows = [good_row(i) for i in range(4)]
+    for row in rows:
+        row["segments"][1]["tokens"] = [9]
+    path = write_rows(tmp_path / "all_bad.parquet", rows)
+    loader = build_dataloader(path, LAYOUT, seq_len=12, infinite=infinite, on_error="skip")
+    with pytest.raises(ValueError, match=r"Every row that rank 0 of 1 read from .*all_bad\.parquet.* was skipped"):
+        take(loader, 1)

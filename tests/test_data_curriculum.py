@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from torchdata.nodes import Mapper
 
 from mol_tune.data.curriculum import (
     ConstantSchedule,
@@ -125,6 +126,19 @@ def test_filter_matches_loop(shards):
     assert span_filter.stats["dropped_tokens"] == sum(
         1 + sum(len(t) + (2 if m != "text" else 0) for m, t in by_id[i]) for i in dropped
     )
+
+
+def test_filter_passes_on_skip_counts(shards):
+    """Skip counts that dropped samples carry reach the next admitted sample, so none is lost."""
+    paths, by_id = shards
+    samples = build_sample_node(paths["speech"], LAYOUT, eos_id=EOS, shuffle=False, infinite=False)
+    marked = Mapper(samples, lambda sample: {**sample, "skipped": {"rows/marker": 1}})
+    span_filter = SpanLengthFilter(marked, LAYOUT, {"speech": ConstantSchedule(40)})
+    admitted = list(span_filter)
+
+    speech_ids = [i for i in by_id if i < 1000]
+    last_admitted = max(index for index, i in enumerate(speech_ids) if longest_speech(by_id[i]) <= 40)
+    assert sum(sample["skipped"]["rows/marker"] for sample in admitted) == last_admitted + 1
 
 
 def test_filter_rejects_text_and_unknown(shards):

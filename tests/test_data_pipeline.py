@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from torchdata.nodes import IterableWrapper
+
 from mol_tune.data.packing import Packer, causal_mask, packed_attention_mask
 from mol_tune.data.pipeline import build_dataloader, build_sample_node
 from mol_tune.data.samples import SampleBuilder
@@ -355,6 +357,54 @@ def test_unreadable_shard_names_file(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(ShardError, match="garbage.parquet"):
         build_dataloader(str(path), LAYOUT)
+
+
+def length_stream(lengths, limit):
+    """Yield samples of the given lengths, then raise after ``limit`` samples in all.
+
+    The error ends what would otherwise be an endless source, so a packer that never gives up
+    fails the test instead of hanging it.
+    """
+    for index, length in enumerate(itertools.islice(lengths, limit)):
+        yield {"tokens": [7] * length, "sample_id": index}
+    raise RuntimeError(f"the source ran out after {limit} samples")
+
+
+def test_packer_raises_when_nothing_fits():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(SEQ_LEN + 1, 3 * SEQ_LEN, 10_000).tolist()
+    packer = Packer(IterableWrapper(length_stream(iter(lengths), 10_000)), seq_len=SEQ_LEN, max_consecutive_skips=500)
+    with pytest.raises(ValueError) as caught:
+        next(packer)
+    message = str(caught.value)
+    assert "skipped 500 samples in a row" in message
+    assert f"seq_len={SEQ_LEN}" in message
+    assert f"lengths {min(lengths[:500])} to {max(lengths[:500])} tokens" in message
+    assert "data.seq_len" in message
+    assert "model.max_seq_len" in message
+
+
+def test_packer_bound_counts_consecutive_skips():
+    # Runs of 400 too long samples, each ended by one that fits, never reach a bound of 500.
+    lengths = itertools.cycle([SEQ_LEN + 1] * 400 + [SEQ_LEN])
+    packer = Packer(IterableWrapper(length_stream(lengths, 100_000)), seq_len=SEQ_LEN, max_consecutive_skips=500)
+    sequences = [next(packer) for _ in range(5)]
+    assert [s["num_skipped"] for s in sequences] == [800, 400, 400, 400, 400]
+    assert sequences[-1]["skipped"] == {"samples/too_long": 2400}
+
+
+def test_one_pass_with_nothing_packed_raises(shards):
+    paths, by_id = shards
+    lengths = [len(reference_tokens(s, range(len(s)))) for s in by_id.values()]
+    seq_len = min(lengths) - 1
+    name = "the validation split of data set 'toy'"
+    loader = build_dataloader(paths, LAYOUT, seq_len=seq_len, bos_id=BOS, eos_id=EOS, infinite=False, name=name)
+    with pytest.raises(ValueError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert "from the validation split of data set 'toy'" in message
+    assert f"{len(lengths)} longer than seq_len={seq_len} (lengths {min(lengths)} to {max(lengths)} tokens)" in message
+    assert "data.seq_len" in message
 
 
 def test_causal_mask_built_once_per_length():

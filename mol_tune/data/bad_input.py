@@ -60,7 +60,8 @@ class SkipCounter:
     """Count skipped items per reason and log them, rate-limited.
 
     The first ``max_logged`` skips of each reason are logged as warnings with the full error
-    message. Later ones are counted, and the count is logged when it reaches 10, 100, 1000 and so on.
+    message. Later ones are counted, and the count is logged when it reaches or passes 10, 100, 1000
+    and so on.
 
     Args:
         unit (str): what is skipped, for the log, e.g. ``"row"``, ``"shard"`` or ``"sample"``.
@@ -86,19 +87,28 @@ class SkipCounter:
         """Skipped items over all reasons."""
         return sum(self.counts.values())
 
-    def record(self, error: BadInputError) -> None:
-        """Count the skipped item that ``error`` describes and log it if the rate limit allows."""
+    def record(self, error: BadInputError, count: int = 1) -> None:
+        """Count the skipped items that ``error`` describes and log them if the rate limit allows.
+
+        Args:
+            error (BadInputError): the error, whose ``reason`` is the key of the count.
+            count (int): items that the error covers, e.g. the rows of a damaged row group. Default: 1.
+        """
         reason = getattr(error, "reason", INVALID)
-        count = self.counts.get(reason, 0) + 1
-        self.counts[reason] = count
-        if count <= self.max_logged:
-            self.logger.warning("Skipped %s (%s): %s", self.unit, reason, error)
-            if count == self.max_logged:
+        before = self.counts.get(reason, 0)
+        total = before + count
+        self.counts[reason] = total
+        if before < self.max_logged:
+            if count == 1:
+                self.logger.warning("Skipped %s (%s): %s", self.unit, reason, error)
+            else:
+                self.logger.warning("Skipped %d %ss (%s): %s", count, self.unit, reason, error)
+            if total >= self.max_logged:
                 self.logger.warning(
                     "Further %ss skipped for %s are counted and not logged in full.", self.unit, reason
                 )
-        elif _is_power_of_ten(count):
-            self.logger.warning("Skipped %d %ss for %s so far.", count, self.unit, reason)
+        elif _passes_power_of_ten(before, total):
+            self.logger.warning("Skipped %d %ss for %s so far.", total, self.unit, reason)
 
     def summary(self) -> str:
         """Return the counts as one line, e.g. ``"3 rows skipped (empty_sample: 1, code_out_of_range: 2)"``."""
@@ -108,7 +118,11 @@ class SkipCounter:
         return f"{self.total} {self.unit}s skipped ({parts})"
 
 
-def _is_power_of_ten(value: int) -> bool:
-    while value >= 10 and value % 10 == 0:
-        value //= 10
-    return value == 1
+def _passes_power_of_ten(before: int, after: int) -> bool:
+    """Return whether a power of ten above 1 lies in ``(before, after]``."""
+    power = 10
+    while power <= after:
+        if power > before:
+            return True
+        power *= 10
+    return False

@@ -16,6 +16,7 @@ A section looks like this (paths may use ``~`` and ``$VARS``)::
       eos_id: 0
       pad_id: 2
       on_too_long: skip
+      on_error: raise     # or skip: leave out unreadable shards and invalid rows, counted in batch["skipped"]
 
 A section with top-level ``train`` and ``validation`` lists instead of ``datasets`` is read as
 one data set named ``default``.
@@ -28,6 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from omegaconf import OmegaConf
 from torchdata.nodes import Loader
 
+from mol_tune.data.bad_input import ON_ERROR_POLICIES
 from mol_tune.data.curriculum import LengthSchedule, build_schedule
 from mol_tune.data.mixture import MixturePlan
 from mol_tune.data.pipeline import build_dataloader, build_mixture_dataloader
@@ -37,7 +39,8 @@ LEGACY_DATASET_NAME = "default"
 
 _SECTION_KEYS = {
     "datasets", "train", "validation", "token_shares", "on_unreachable_shares", "curriculum", "seq_len",
-    "batch_size", "bos_id", "eos_id", "pad_id", "on_too_long", "shuffle_segments", "num_workers", "prefetch_factor",
+    "batch_size", "bos_id", "eos_id", "pad_id", "on_too_long", "on_error", "shuffle_segments", "num_workers",
+    "prefetch_factor",
 }  # fmt: skip
 _DATASET_KEYS = {"name", "train", "validation"}
 
@@ -71,6 +74,7 @@ class DataConfig:
     eos_id: Optional[int] = None
     pad_id: int = 0
     on_too_long: str = "skip"
+    on_error: str = "raise"
     shuffle_segments: bool = True
     num_workers: int = 0
     prefetch_factor: int = 2
@@ -142,6 +146,8 @@ def parse_data_config(section: Mapping[str, Any]) -> DataConfig:
     curriculum = {
         str(modality): build_schedule(spec) for modality, spec in (section.pop("curriculum", None) or {}).items()
     }
+    if "on_error" in section and section["on_error"] not in ON_ERROR_POLICIES:
+        raise ValueError(f"Invalid data.on_error: {section['on_error']!r}. Use one of {ON_ERROR_POLICIES}.")
     token_shares = section.pop("token_shares", None)
     if token_shares is not None:
         token_shares = {str(name): float(share) for name, share in dict(token_shares).items()}
@@ -175,7 +181,8 @@ def build_training_loader(
 
     Raises:
         ValueError: if the section is invalid or its token shares are unreachable (see ``solve_mixture``).
-        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks, and
+            ``data.on_error`` is ``"raise"``.
     """
     data = parse_data_config(section)
     return build_mixture_dataloader(
@@ -196,6 +203,7 @@ def build_training_loader(
         shuffle_segments=data.shuffle_segments,
         codebook_fingerprints=codebook_fingerprints,
         on_too_long=data.on_too_long,
+        on_error=data.on_error,
         num_workers=data.num_workers,
         prefetch_factor=data.prefetch_factor,
     )
@@ -227,8 +235,10 @@ def build_validation_loaders(
         Dict[str, Loader]: data set name -> loader, in config order.
 
     Raises:
-        ValueError: if the section is invalid.
-        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+        ValueError: if the section is invalid. While iterating: if every sample of a split is skipped,
+            with a message that names the data set.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks, and
+            ``data.on_error`` is ``"raise"``.
     """
     data = parse_data_config(section)
     loaders: Dict[str, Loader] = {}
@@ -251,8 +261,10 @@ def build_validation_loaders(
             shuffle_segments=data.shuffle_segments,
             codebook_fingerprints=codebook_fingerprints,
             on_too_long=data.on_too_long,
+            on_error=data.on_error,
             num_workers=data.num_workers,
             prefetch_factor=data.prefetch_factor,
+            name=f"the validation split of data set {dataset.name!r}",
         )
     return loaders
 

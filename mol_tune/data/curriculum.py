@@ -241,11 +241,16 @@ class SpanLengthFilter(BaseNode[Dict[str, Any]]):
 
     def next(self) -> Dict[str, Any]:
         limits = self.max_span_tokens()
+        # Skip counts that dropped samples carry (see ShardSource) go on with the next admitted sample.
+        skipped: Dict[str, int] = {}
         for _ in range(self.max_consecutive_drops):
             sample = next(self.source)
+            for key, count in (sample.get("skipped") or {}).items():
+                skipped[key] = skipped.get(key, 0) + count
             lengths = longest_spans(sample, self.layout)
             over = [name for name, limit in limits.items() if lengths[name] > limit]
             if not over:
+                sample["skipped"] = skipped
                 return sample
             self.stats["dropped_samples"] += 1
             self.stats["dropped_tokens"] += len(sample["tokens"])

@@ -10,15 +10,19 @@ the mean number of tokens of one sample of ``d``.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from scipy.optimize import nnls
 
+from mol_tune.data import bad_input
+from mol_tune.data.bad_input import SkipCounter, check_on_error
+from mol_tune.data.shards import ShardError, ShardReader, read_row_group
 from mol_tune.data.source import expand_shard_paths
 from mol_tune.vocab import TEXT, VocabularyLayout
 
@@ -50,6 +54,8 @@ class DatasetProfile:
         num_samples (int): samples admitted to the measurement.
         num_excluded (int): samples left out because the pipeline never trains on them (longer
             than ``seq_len`` or with a span above the curriculum's final maximum).
+        skipped (Dict[str, int]): shards and rows left out as unreadable or invalid with
+            ``on_error="skip"``, as ``{"shards/<reason>": n, "rows/<reason>": n}``. Default: {}.
     """
 
     name: str
@@ -57,6 +63,7 @@ class DatasetProfile:
     mean_tokens: Tuple[float, ...]
     num_samples: int
     num_excluded: int
+    skipped: Dict[str, int] = field(default_factory=dict)
 
     @property
     def mean_sample_tokens(self) -> float:
@@ -69,38 +76,107 @@ class DatasetProfile:
         return np.asarray(self.mean_tokens, dtype=np.float64) / self.mean_sample_tokens
 
 
-def _shard_token_counts(path: str, layout: VocabularyLayout) -> Tuple[np.ndarray, np.ndarray]:
-    """Count one shard's tokens per row and modality as ``SampleBuilder`` emits them, without BOS and EOS.
+def _segment_token_counts(
+    segments: pa.ListArray, layout: VocabularyLayout, known: Sequence[str]
+) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+    """Count tokens per row and modality in a ``segments`` column as ``SampleBuilder`` emits them, without BOS and EOS.
+
+    Args:
+        segments (pa.ListArray): the column, one list of segments per row.
+        layout (VocabularyLayout): the model's vocabulary layout.
+        known (Sequence[str]): modalities a row may contain. A row with another one is invalid.
 
     Returns:
-        Tuple[np.ndarray, np.ndarray]: int64 arrays [rows, modalities]. The first contains the tokens
-        (two text delimiters per non-text segment), the second the longest segment of each modality.
+        Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]: int64 arrays [rows, modalities] of the
+        tokens (two text delimiters per non-text segment) and of the longest segment of each
+        modality, and for each unknown modality the rows that contain it.
     """
     names = layout.modality_names
-    # Only the segments column is read, and it is counted with Arrow kernels, not row by row.
-    segments = pq.read_table(path, columns=["segments"]).column("segments").combine_chunks()
-    num_rows = len(segments)
-    flat_segments = segments.flatten()
+    # Counted with Arrow kernels and NumPy, not row by row.
     rows = pc.list_parent_indices(segments).to_numpy()
-    modality_column, token_column = flat_segments.flatten()
+    modality_column, token_column = segments.flatten().flatten()
     lengths = pc.list_value_length(token_column).fill_null(0).to_numpy().astype(np.int64)
     modality_of_segment = modality_column.to_numpy(zero_copy_only=False)
 
-    counts = np.zeros((num_rows, len(names)), dtype=np.int64)
-    longest = np.zeros((num_rows, len(names)), dtype=np.int64)
+    counts = np.zeros((len(segments), len(names)), dtype=np.int64)
+    longest = np.zeros((len(segments), len(names)), dtype=np.int64)
+    unknown = {}
     for name in np.unique(modality_of_segment):
-        if name not in names:
-            raise ValueError(
-                f"Invalid shard {path}: it contains modality {name!r}, but the model has {names}. "
-                "Add the modality to the model config or drop the shard."
-            )
         selected = modality_of_segment == name
+        if name not in known:
+            unknown[str(name)] = np.unique(rows[selected])
+            continue
         index = names.index(name)
         np.add.at(counts[:, index], rows[selected], lengths[selected])
         np.maximum.at(longest[:, index], rows[selected], lengths[selected])
         if name != TEXT:
             np.add.at(counts[:, 0], rows[selected], 2)
-    return counts, longest
+    return counts, longest, unknown
+
+
+class _ShardCounter:
+    """Count the tokens of shards, raising or skipping where ``ShardSource`` raises or skips."""
+
+    def __init__(self, layout: VocabularyLayout, codebook_fingerprints: Optional[Mapping[str, str]], on_error: str):
+        self.layout = layout
+        self.codebook_fingerprints = codebook_fingerprints
+        self.on_error = check_on_error(on_error)
+        self.skipped_shards = SkipCounter("shard", log)
+        self.skipped_rows = SkipCounter("row", log)
+
+    def _skip(self, error: ShardError, counter: SkipCounter, count: int = 1) -> None:
+        if self.on_error == "raise":
+            raise error
+        counter.record(error, count)
+
+    def count(self, path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """Count the tokens and longest segments [rows, modalities] of a shard's valid rows.
+
+        Returns None if the shard is skipped or every row group is damaged.
+        """
+        try:
+            # The file checks of ShardSource, with its messages. No row is read here.
+            info = ShardReader(path, self.layout, self.codebook_fingerprints).info
+        except ShardError as error:
+            self._skip(error, self.skipped_shards)
+            return None
+        known = [TEXT] + sorted(info.modalities)
+        parquet_file = pq.ParquetFile(path)
+        counts, longest, first_row = [], [], 0
+        for group in range(parquet_file.num_row_groups):
+            num_rows = parquet_file.metadata.row_group(group).num_rows
+            try:
+                # sample_id is read as well, so damage in either column is found, as the reader finds it.
+                table = read_row_group(parquet_file, path, group, first_row, columns=["sample_id", "segments"])
+            except ShardError as error:
+                self._skip(error, self.skipped_rows, num_rows)
+                first_row += num_rows
+                continue
+            group_counts, group_longest, unknown = _segment_token_counts(
+                table.column("segments").combine_chunks(), self.layout, known
+            )
+            valid = np.ones(num_rows, dtype=bool)
+            for name, bad_rows in unknown.items():
+                error = ShardError(
+                    f"Invalid sample in shard {path}, row {first_row + int(bad_rows[0])}: it has modality {name!r}, "
+                    f"but the shard's metadata lists {known}. Remove the row from the input data, or skip bad "
+                    "rows with on_error: skip.",
+                    reason=bad_input.UNKNOWN_MODALITY,
+                )
+                self._skip(error, self.skipped_rows, int(valid[bad_rows].sum()))
+                valid[bad_rows] = False
+            counts.append(group_counts[valid])
+            longest.append(group_longest[valid])
+            first_row += num_rows
+        if not counts:
+            return None
+        return np.concatenate(counts), np.concatenate(longest)
+
+    def skipped(self) -> Dict[str, int]:
+        """Return the skips so far as ``{"shards/<reason>": n, "rows/<reason>": n}``."""
+        result = {f"shards/{reason}": n for reason, n in self.skipped_shards.counts.items()}
+        result.update({f"rows/{reason}": n for reason, n in self.skipped_rows.counts.items()})
+        return result
 
 
 def measure_dataset_profile(
@@ -112,6 +188,8 @@ def measure_dataset_profile(
     eos_id: Optional[int] = None,
     max_sample_tokens: Optional[int] = None,
     max_span_tokens: Optional[Mapping[str, int]] = None,
+    codebook_fingerprints: Optional[Mapping[str, str]] = None,
+    on_error: str = "raise",
 ) -> DatasetProfile:
     """Measure the mean tokens per modality of a data set's samples, reading only the shards' segment lengths.
 
@@ -120,8 +198,17 @@ def measure_dataset_profile(
     ``max_sample_tokens``, or with a span longer than ``max_span_tokens``) are left out, so the
     profile describes the tokens that reach training.
 
+    Bad input follows ``on_error`` as in ``ShardSource``. Bad input here is a shard that is
+    unreadable or does not fit the layout or codebooks, a damaged row group, or a row with a
+    modality that its shard's metadata lacks. With ``"raise"`` it raises a ``ShardError`` naming
+    the file. With ``"skip"`` it is left out, counted in the profile's ``skipped`` and logged.
+
     NOTE: every row of every shard is counted. Reading one column takes seconds per million rows,
     but a data set of billions of rows would need a sample of rows here instead.
+
+    NOTE: rows that the reader rejects for their values (an empty segment, a code outside the
+    codebook, a text id outside the vocabulary) are still counted here, so with ``on_error="skip"``
+    they shift the means slightly.
 
     Args:
         name (str): data set name, for the profile and the messages.
@@ -132,16 +219,27 @@ def measure_dataset_profile(
         max_sample_tokens (Optional[int]): leave out samples longer than this (``seq_len``). Default: None.
         max_span_tokens (Optional[Mapping[str, int]]): modality -> longest admitted span in codes
             (the curriculum's final maximum). Default: None.
+        codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
+            codebook, which every shard must match. None skips the check. Default: None.
+        on_error (str): ``"raise"`` or ``"skip"`` for bad input, as described above. Default: "raise".
 
     Returns:
         DatasetProfile: the profile.
 
     Raises:
-        ValueError: if a shard has a modality the layout lacks, or no sample is admitted.
+        ValueError: if ``on_error`` is unknown, no row can be read, or no sample is admitted.
+        ShardError: if a shard, row group or row is bad and ``on_error`` is ``"raise"``.
         FileNotFoundError: if a path does not exist.
     """
     names = layout.modality_names
-    per_file = [_shard_token_counts(path, layout) for path in expand_shard_paths(paths)]
+    counter = _ShardCounter(layout, codebook_fingerprints, on_error)
+    per_file = [counter.count(path) for path in expand_shard_paths(paths)]
+    per_file = [result for result in per_file if result is not None]
+    if not per_file:
+        raise ValueError(
+            f"Invalid data set {name!r}: no row of its shards could be read ({counter.skipped_shards.summary()}, "
+            f"{counter.skipped_rows.summary()}). Fix the files that the warnings above name, or drop the data set."
+        )
     counts = np.concatenate([c for c, _ in per_file])
     longest = np.concatenate([s for _, s in per_file])
 
@@ -164,6 +262,7 @@ def measure_dataset_profile(
         mean_tokens=tuple(float(v) for v in mean_tokens),
         num_samples=int(admitted.sum()),
         num_excluded=int((~admitted).sum()),
+        skipped=counter.skipped(),
     )
 
 
@@ -194,10 +293,11 @@ class MixturePlan:
             composition = ", ".join(
                 f"{name} {share:.3f}" for name, share in zip(profile.modality_names, profile.composition) if share > 0
             )
+            skipped = f", skipped as invalid: {profile.skipped}" if profile.skipped else ""
             lines.append(
                 f"Data set {profile.name}: {profile.mean_sample_tokens:.1f} tokens a sample ({composition}), "
-                f"{profile.num_samples} samples ({profile.num_excluded} left out as too long), sampling weight "
-                f"{self.sampling_weights.get(profile.name, 0.0):.4f}, token fraction "
+                f"{profile.num_samples} samples ({profile.num_excluded} left out as too long{skipped}), sampling "
+                f"weight {self.sampling_weights.get(profile.name, 0.0):.4f}, token fraction "
                 f"{self.token_fractions[profile.name]:.3f}"
             )
         expected = ", ".join(f"{name} {share:.3f}" for name, share in self.expected_shares.items())

@@ -28,25 +28,39 @@ class Packer(BaseNode[Dict[str, Any]]):
     - ``input_pos``: position inside the sample, from 0 for each sample. Padding counts from 0 too.
     - ``document_ids``: index of the sample in the sequence. Padding gets the next index.
 
-    It also has ``sample_ids`` (List[int]), ``num_samples`` and ``num_skipped`` (samples skipped
-    while this sequence was assembled).
+    It also has ``sample_ids`` (List[int]), ``num_samples``, ``num_skipped`` (samples skipped as
+    too long while this sequence was assembled) and ``skipped``: the running count of every skip
+    since the pass began, as ``{"shards/<reason>": n, "rows/<reason>": n, "samples/too_long": n}``.
+    Shard and row counts are the sums of the ``skipped`` dicts that the samples carry (see
+    ``ShardSource``), and only keys with a count above 0 appear.
 
     The state contains the source's state, the sample that closed the last sequence (it opens the
-    next one) and the running counts in ``stats``, so a resumed packer continues exactly.
+    next one) and the running counts in ``stats`` and ``skipped``, so a resumed packer continues
+    exactly.
 
     Args:
         source (BaseNode[Dict[str, Any]]): node yielding dicts with ``tokens`` and ``sample_id``.
         seq_len (int): tokens per packed sequence. Default: 2048.
         pad_id (int): token id of padding. No loss or attention from real tokens reaches it. Default: 0.
         on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        max_consecutive_skips (int): samples skipped as too long in a row after which ``next``
+            raises, because with an endless source of such samples it would otherwise never return.
+            Default: 100000.
+        name (str): what the source reads, for error messages, e.g. "validation split of data set
+            'digits'". Default: "the data".
 
     Raises:
-        ValueError: if ``seq_len`` is not positive or ``on_too_long`` is unknown.
+        ValueError: if ``seq_len`` or ``max_consecutive_skips`` is not positive or ``on_too_long`` is
+            unknown. From ``next``: if a sample is too long with ``on_too_long="raise"``, after
+            ``max_consecutive_skips`` too long samples in a row, or if the source ends before any
+            sequence of the pass is packed, because every sample was skipped.
     """
 
     SOURCE_KEY = "source"
     PENDING_KEY = "pending"
     STATS_KEY = "stats"
+    SKIPPED_KEY = "skipped"
+    TOO_LONG = "samples/too_long"
 
     def __init__(
         self,
@@ -54,18 +68,25 @@ class Packer(BaseNode[Dict[str, Any]]):
         seq_len: int = 2048,
         pad_id: int = 0,
         on_too_long: str = "skip",
+        max_consecutive_skips: int = 100_000,
+        name: str = "the data",
     ):
         super().__init__()
         if seq_len <= 0:
             raise ValueError(f"Invalid seq_len: {seq_len}. It must be positive.")
         if on_too_long not in _TOO_LONG_POLICIES:
             raise ValueError(f"Invalid on_too_long: {on_too_long!r}. Use one of {_TOO_LONG_POLICIES}.")
+        if max_consecutive_skips <= 0:
+            raise ValueError(f"Invalid max_consecutive_skips: {max_consecutive_skips}. It must be positive.")
         self.source = source
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.on_too_long = on_too_long
+        self.max_consecutive_skips = max_consecutive_skips
+        self.name = name
         self._pending: Optional[Dict[str, Any]] = None
         self.stats = self._empty_stats()
+        self.skipped: Dict[str, int] = {}
 
     @staticmethod
     def _empty_stats() -> Dict[str, int]:
@@ -77,10 +98,23 @@ class Packer(BaseNode[Dict[str, Any]]):
             self.source.reset(initial_state[self.SOURCE_KEY])
             self._pending = initial_state[self.PENDING_KEY]
             self.stats = dict(initial_state[self.STATS_KEY])
+            # States saved before skip counts were carried have none.
+            self.skipped = dict(initial_state.get(self.SKIPPED_KEY, {}))
         else:
             self.source.reset()
             self._pending = None
             self.stats = self._empty_stats()
+            self.skipped = {}
+
+    def _count_skips(self, counts: Dict[str, int]) -> None:
+        for key, count in counts.items():
+            self.skipped[key] = self.skipped.get(key, 0) + count
+
+    def _next_sample(self) -> Dict[str, Any]:
+        """Return the source's next sample after adding up the skips it carries."""
+        sample = next(self.source)
+        self._count_skips(sample.pop("skipped", None) or {})
+        return sample
 
     def _take(self, sample: Dict[str, Any]) -> bool:
         """Return whether ``sample`` fits a sequence at all, raising or counting it if it does not."""
@@ -95,6 +129,7 @@ class Packer(BaseNode[Dict[str, Any]]):
             )
         self.stats["skipped_samples"] += 1
         self.stats["skipped_tokens"] += length
+        self._count_skips({self.TOO_LONG: 1})
         return False
 
     def next(self) -> Dict[str, Any]:
@@ -106,28 +141,63 @@ class Packer(BaseNode[Dict[str, Any]]):
             used = len(self._pending["tokens"])
             self._pending = None
 
+        # Samples skipped as too long since the last one that fitted, and their length range. A
+        # call returns only after a sample fits or the source ends, so this run is a local count.
+        run, shortest, longest = 0, None, 0
         while True:
             try:
-                sample = next(self.source)
+                sample = self._next_sample()
             except StopIteration:
                 if samples:
                     break
+                if self.stats["sequences"] == 0:
+                    raise ValueError(self._nothing_packed_message(run, shortest, longest)) from None
                 raise
+            length = len(sample["tokens"])
             if not self._take(sample):
+                run += 1
+                shortest = length if shortest is None else min(shortest, length)
+                longest = max(longest, length)
+                if run >= self.max_consecutive_skips:
+                    raise ValueError(
+                        f"The packer skipped {run} samples in a row from {self.name}, because each was longer than "
+                        f"seq_len={self.seq_len} (lengths {shortest} to {longest} tokens). Raise data.seq_len "
+                        "above the sample lengths, and model.max_seq_len with it, or write shorter samples."
+                    )
                 continue
-            if used + len(sample["tokens"]) > self.seq_len:
+            run, shortest, longest = 0, None, 0
+            if used + length > self.seq_len:
                 self._pending = sample
                 break
             samples.append(sample)
-            used += len(sample["tokens"])
+            used += length
 
         packed = self._pack(samples)
         packed["num_skipped"] = self.stats["skipped_samples"] - skipped_before
+        packed["skipped"] = dict(self.skipped)
         self.stats["sequences"] += 1
         self.stats["samples"] += len(samples)
         self.stats["tokens"] += used
         self.stats["padding_tokens"] += self.seq_len - used
         return packed
+
+    def _nothing_packed_message(self, num_too_long: int, shortest: Optional[int], longest: int) -> str:
+        reader_skips = {key: count for key, count in self.skipped.items() if key != self.TOO_LONG}
+        if not num_too_long and not reader_skips:
+            return f"No sequence could be packed from {self.name}: its source yielded no sample."
+        causes, fixes = [], []
+        if num_too_long:
+            causes.append(f"{num_too_long} longer than seq_len={self.seq_len} (lengths {shortest} to {longest} tokens)")
+            fixes.append(
+                "Raise data.seq_len above the sample lengths, and model.max_seq_len with it, or write shorter samples."
+            )
+        if reader_skips:
+            causes.append(f"invalid input skipped by the reader {reader_skips}")
+            fixes.append("Fix the shards that the warnings above name.")
+        return (
+            f"No sequence could be packed from {self.name}, because every sample was skipped: "
+            f"{', '.join(causes)}. " + " ".join(fixes)
+        )
 
     def _pack(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         tokens = np.full(self.seq_len, self.pad_id, dtype=np.int64)
@@ -161,6 +231,7 @@ class Packer(BaseNode[Dict[str, Any]]):
             self.SOURCE_KEY: self.source.state_dict(),
             self.PENDING_KEY: self._pending,
             self.STATS_KEY: dict(self.stats),
+            self.SKIPPED_KEY: dict(self.skipped),
         }
 
 
@@ -197,11 +268,13 @@ def collate_packed(sequences: List[Dict[str, Any]]) -> Dict[str, Any]:
     Returns:
         Dict[str, Any]: ``tokens``, ``labels``, ``input_pos``, ``document_ids`` as LongTensor [b, s],
         ``mask`` as bool [b, s, s] (see ``packed_attention_mask``), ``sample_ids`` (one list per
-        row), and ``num_samples`` and ``num_skipped`` summed over the batch.
+        row), and ``num_samples`` and ``num_skipped`` summed over the batch. ``skipped`` contains the
+        running skip counts of the last sequence (see ``Packer``).
     """
     batch = {key: torch.stack([s[key] for s in sequences]) for key in ("tokens", "labels", "input_pos", "document_ids")}
     batch["mask"] = packed_attention_mask(batch["document_ids"])
     batch["sample_ids"] = [s["sample_ids"] for s in sequences]
     batch["num_samples"] = sum(s["num_samples"] for s in sequences)
     batch["num_skipped"] = sum(s["num_skipped"] for s in sequences)
+    batch["skipped"] = dict(sequences[-1].get("skipped", {}))
     return batch

@@ -41,6 +41,7 @@ def build_sample_node(
     shuffle: bool = True,
     shuffle_segments: bool = True,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
+    on_error: str = "raise",
     num_workers: int = 0,
 ) -> BaseNode[Dict[str, Any]]:
     """Build the nodes that yield one data set's samples as vocabulary ids (``SampleBuilder`` output).
@@ -59,6 +60,8 @@ def build_sample_node(
             order if False. Default: True.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. A shard made with another codebook raises. None skips the check. Default: None.
+        on_error (str): ``"raise"`` or ``"skip"`` for an unreadable or invalid shard or row (see
+            ``ShardSource``). Default: "raise".
         num_workers (int): threads that build samples, or 0 to build them in the calling thread. Default: 0.
 
     Returns:
@@ -73,6 +76,7 @@ def build_sample_node(
         infinite=infinite,
         rank=rank,
         world_size=world_size,
+        on_error=on_error,
     )
     builder = SampleBuilder(layout, seed=seed, bos_id=bos_id, eos_id=eos_id, shuffle_segments=shuffle_segments)
     if num_workers > 0:
@@ -98,14 +102,23 @@ def build_dataloader(
     drop_last: bool = False,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_too_long: str = "skip",
+    on_error: str = "raise",
     num_workers: int = 0,
     prefetch_factor: int = 2,
+    name: Optional[str] = None,
 ) -> Loader:
     """Build the loader of packed batches for one data set.
 
     Each batch is a dict with ``tokens``, ``labels``, ``input_pos``, ``document_ids`` (LongTensor
-    [b, s]), ``mask`` (bool [b, s, s], True = may attend), ``sample_ids``, ``num_samples`` and
-    ``num_skipped``, as ``Packer`` and ``collate_packed`` describe.
+    [b, s]), ``mask`` (bool [b, s, s], True = may attend), ``sample_ids``, ``num_samples``,
+    ``num_skipped`` and ``skipped``, as ``Packer`` and ``collate_packed`` describe.
+
+    ``batch["skipped"]`` is a dict of running counts since the pass began. For an endless loader
+    that is since it started, and a resumed loader continues the counts. The keys are
+    ``"shards/<reason>"`` and ``"rows/<reason>"`` for input that the reader skipped with
+    ``on_error="skip"``, and ``"samples/too_long"`` for samples longer than ``seq_len``. A
+    ``<reason>`` is one of the reasons in ``mol_tune.data.bad_input``, e.g. ``unreadable_file`` or
+    ``code_out_of_range``. Keys with no skip are left out, so a clean data set gives ``{}``.
 
     Args:
         paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
@@ -126,15 +139,21 @@ def build_dataloader(
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. A shard made with another codebook raises. None skips the check. Default: None.
         on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        on_error (str): ``"raise"`` or ``"skip"`` for an unreadable or invalid shard or row (see
+            ``ShardSource``). Default: "raise".
         num_workers (int): threads that build samples, or 0 to build them in the loader's thread. Default: 0.
         prefetch_factor (int): batches built ahead in a background thread, or 0 for none. Default: 2.
+        name (Optional[str]): what the loader reads, for error messages, e.g. "validation split of
+            data set 'digits'", or None for the shard paths. Default: None.
 
     Returns:
         Loader: iterable over batches, with ``state_dict()`` and ``load_state_dict()``.
 
     Raises:
-        ValueError: if a size or policy is invalid.
-        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+        ValueError: if a size or policy is invalid. While iterating: if every sample of a pass is
+            skipped, or too many in a row are too long (see ``Packer``).
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks, and
+            ``on_error`` is ``"raise"``.
     """
     if batch_size <= 0:
         raise ValueError(f"Invalid batch_size: {batch_size}. It must be positive.")
@@ -150,19 +169,21 @@ def build_dataloader(
         shuffle=shuffle,
         shuffle_segments=shuffle_segments,
         codebook_fingerprints=codebook_fingerprints,
+        on_error=on_error,
         num_workers=num_workers,
     )
     # NOTE: with world_size > 1, ranks may get different numbers of batches, because rows split
     # unevenly and packing depends on sample lengths. Training should use infinite=True, and one-pass
     # evaluation must not assume equal batch counts across ranks.
-    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, drop_last)
+    name = name or f"shards {paths}"
+    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, drop_last, name)
     return _loader(node, prefetch_factor)
 
 
 def _packed_batches(
-    samples: BaseNode, seq_len: int, pad_id: int, on_too_long: str, batch_size: int, drop_last: bool
+    samples: BaseNode, seq_len: int, pad_id: int, on_too_long: str, batch_size: int, drop_last: bool, name: str
 ) -> BaseNode:
-    node: BaseNode = Packer(samples, seq_len=seq_len, pad_id=pad_id, on_too_long=on_too_long)
+    node: BaseNode = Packer(samples, seq_len=seq_len, pad_id=pad_id, on_too_long=on_too_long, name=name)
     node = Batcher(node, batch_size=batch_size, drop_last=drop_last)
     return Mapper(node, collate_packed)
 
@@ -192,6 +213,7 @@ def build_mixture_dataloader(
     shuffle_segments: bool = True,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_too_long: str = "skip",
+    on_error: str = "raise",
     num_workers: int = 0,
     prefetch_factor: int = 2,
 ) -> Tuple[Loader, MixturePlan]:
@@ -199,8 +221,9 @@ def build_mixture_dataloader(
 
     Each data set's profile (``measure_dataset_profile``) counts only samples that training can
     see: at most ``seq_len`` tokens and no span above the final maximum of its curriculum. The
-    sampling weights come from ``solve_mixture``. Batches are those of ``build_dataloader``; with
-    ``max_span_schedules`` they also carry the ``curriculum`` dict of ``CurriculumClock``.
+    sampling weights come from ``solve_mixture``. Batches are those of ``build_dataloader``, with
+    the skip counts in ``skipped`` summed over the data sets. With ``max_span_schedules`` they also
+    carry the ``curriculum`` dict of ``CurriculumClock``.
 
     Args:
         datasets (Mapping[str, Union[str, Sequence[str]]]): data set name -> its shard files or folders.
@@ -224,6 +247,8 @@ def build_mixture_dataloader(
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. None skips the check. Default: None.
         on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        on_error (str): ``"raise"`` or ``"skip"`` for an unreadable or invalid shard or row, in the
+            token count of ``measure_dataset_profile`` and in the reader (see ``ShardSource``). Default: "raise".
         num_workers (int): threads that build each data set's samples, or 0 for none. Default: 0.
         prefetch_factor (int): batches built ahead in a background thread, or 0 for none. Default: 2.
 
@@ -234,7 +259,8 @@ def build_mixture_dataloader(
     Raises:
         ValueError: if a size, policy, share or schedule is invalid, or the shares are unreachable
             with ``on_unreachable_shares="raise"``.
-        ShardError: if a shard is unreadable or does not fit the layout or codebooks.
+        ShardError: if a shard is unreadable or does not fit the layout or codebooks, and
+            ``on_error`` is ``"raise"``.
     """
     if batch_size <= 0:
         raise ValueError(f"Invalid batch_size: {batch_size}. It must be positive.")
@@ -242,7 +268,15 @@ def build_mixture_dataloader(
     final_spans = {name: schedule.final_value for name, schedule in schedules.items()}
     profiles = [
         measure_dataset_profile(
-            name, paths, layout, bos_id=bos_id, eos_id=eos_id, max_sample_tokens=seq_len, max_span_tokens=final_spans
+            name,
+            paths,
+            layout,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            max_sample_tokens=seq_len,
+            max_span_tokens=final_spans,
+            codebook_fingerprints=codebook_fingerprints,
+            on_error=on_error,
         )
         for name, paths in datasets.items()
     ]
@@ -263,6 +297,7 @@ def build_mixture_dataloader(
             world_size=world_size,
             shuffle_segments=shuffle_segments,
             codebook_fingerprints=codebook_fingerprints,
+            on_error=on_error,
             num_workers=num_workers,
         )
     samples: BaseNode = MultiNodeWeightedSampler(
@@ -276,7 +311,8 @@ def build_mixture_dataloader(
     span_filter = None
     if schedules:
         samples = span_filter = SpanLengthFilter(samples, layout, schedules)
-    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, drop_last=False)
+    name = f"the training mixture of data sets {list(nodes)}"
+    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, False, name)
     if span_filter is not None:
         # The clock must run in the thread that runs the filter, so below the Prefetcher.
         node = CurriculumClock(node, span_filter, batches_per_step)

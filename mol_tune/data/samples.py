@@ -18,7 +18,8 @@ class SampleBuilder:
 
     The output dict has ``tokens`` (List[int]), ``spans`` (List[int], per token the index of the
     segment it belongs to in the new order, with BOS in the first span and EOS in the last),
-    and ``sample_id``, ``shard``, ``row`` from the input.
+    and ``sample_id``, ``shard``, ``row`` from the input. It also passes on the input's ``skipped``
+    counts (see ``ShardSource``).
 
     Args:
         layout (VocabularyLayout): the model's vocabulary layout.
@@ -83,4 +84,5 @@ class SampleBuilder:
             "sample_id": sample["sample_id"],
             "shard": sample.get("shard"),
             "row": sample.get("row"),
+            "skipped": sample.get("skipped", {}),
         }

@@ -392,6 +392,36 @@ def read_shard_info(path: str) -> ShardInfo:
     return ShardInfo.from_metadata(schema.metadata, path)
 
 
+def read_row_group(
+    parquet_file: pq.ParquetFile, path: str, group: int, first_row: int, columns: Optional[Sequence[str]] = None
+) -> pa.Table:
+    """Read one row group of a shard.
+
+    Args:
+        parquet_file (pq.ParquetFile): the open shard.
+        path (str): shard file, for the error message.
+        group (int): row group index.
+        first_row (int): the group's first row in the file, for the error message.
+        columns (Optional[Sequence[str]]): columns to read, or None for all. Default: None.
+
+    Returns:
+        pa.Table: the group's rows.
+
+    Raises:
+        ShardError: with reason ``unreadable_file`` and the group's row range, if the group is damaged.
+    """
+    try:
+        return parquet_file.read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        last_row = first_row + parquet_file.metadata.row_group(group).num_rows - 1
+        raise ShardError(
+            f"Failed to read shard {path}, rows {first_row} to {last_row}: {_error_text(error)}. The file is "
+            f"damaged. Skip damaged rows with data.on_error: skip, or write the shards again: "
+            f"{REWRITE_SHARDS_COMMANDS}.",
+            reason=bad_input.UNREADABLE_FILE,
+        ) from None
+
+
 class ShardReader:
     """Random access to the validated samples of one shard.
 
@@ -449,22 +479,16 @@ class ShardReader:
         parquet_file = pq.ParquetFile(self.path)
         starts, groups, first_row = [], [], 0
         for group in range(parquet_file.num_row_groups):
-            rows = parquet_file.metadata.row_group(group).num_rows
             try:
-                table = parquet_file.read_row_group(group)
+                table = read_row_group(parquet_file, self.path, group, first_row)
                 groups.append((table.column("sample_id").combine_chunks(), table.column("segments").combine_chunks()))
-            except (OSError, pa.ArrowException) as error:
-                message = (
-                    f"Failed to read shard {self.path}, rows {first_row} to {first_row + rows - 1}: "
-                    f"{_error_text(error)}. The file is damaged. Skip damaged rows with data.on_error: skip, or "
-                    f"write the shards again: {REWRITE_SHARDS_COMMANDS}."
-                )
+            except ShardError as error:
                 if self.on_error == "raise":
-                    raise ShardError(message, reason=bad_input.UNREADABLE_FILE) from None
-                self._damaged[group] = message
+                    raise
+                self._damaged[group] = str(error)
                 groups.append(None)
             starts.append(first_row)
-            first_row += rows
+            first_row += parquet_file.metadata.row_group(group).num_rows
         self._groups = groups
         self._group_starts = starts
 

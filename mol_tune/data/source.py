@@ -57,7 +57,7 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     ``(seed, epoch)``. Every rank draws the same permutations and takes every ``world_size``-th row
     of each file starting at ``rank``, so the ranks read disjoint rows that together cover the
     data set. A sample comes out as a dict with ``sample_id``, ``segments``, ``shard`` (the file),
-    ``row`` (its 0-based row) and ``epoch``.
+    ``row`` (its 0-based row), ``epoch`` and ``skipped`` (see below).
 
     The state is the epoch, the position in that epoch's file order and the number of rows of the
     current file already yielded. Permutations are recomputed from the seed on resume.
@@ -76,6 +76,14 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     a pass reads it, and the counts add up over passes. Row counts are part of the state, so they
     survive a resume.
 
+    Each sample also carries the skips since the previous sample in ``skipped``, a dict
+    ``{"shards/<reason>": count, "rows/<reason>": count}`` that is usually empty. The first sample
+    of a pass carries the skipped shards. The counts travel with the samples, so a node that adds
+    them up (``Packer``) gets the same totals in every thread and after a resume.
+
+    NOTE: rows skipped after the last sample of a one-pass source reach no sample, so they are
+    missing from those totals. ``skipped_rows`` and the log contain them.
+
     Args:
         paths (Union[str, Sequence[str]]): shard files or folders of ``*.parquet`` files.
         layout (Optional[VocabularyLayout]): the model's layout, which every shard must fit. Default: None.
@@ -90,6 +98,7 @@ class ShardSource(BaseNode[Dict[str, Any]]):
 
     Raises:
         ValueError: if ``rank``, ``world_size`` or ``on_error`` is invalid, or this rank gets no rows.
+            From ``next``: if every row of an epoch was skipped.
         ShardError: if a shard is unreadable or does not fit the layout or codebooks, and ``on_error``
             is ``"raise"``.
     """
@@ -98,6 +107,8 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     FILE_POSITION_KEY = "file_position"
     ROW_POSITION_KEY = "row_position"
     SKIPPED_ROWS_KEY = "skipped_rows"
+    UNREPORTED_SKIPS_KEY = "unreported_skips"
+    YIELDED_KEY = "yielded_in_epoch"
 
     def __init__(
         self,
@@ -154,6 +165,9 @@ class ShardSource(BaseNode[Dict[str, Any]]):
         self._reader: Optional[ShardReader] = None
         self._reader_key: Optional[tuple] = None
         self._rows: Optional[np.ndarray] = None
+        # Skips not yet passed on in a sample's ``skipped`` dict.
+        self._unreported_skips: Dict[str, int] = {}
+        self._yielded_in_epoch = 0
 
     @property
     def num_rows(self) -> int:
@@ -169,11 +183,19 @@ class ShardSource(BaseNode[Dict[str, Any]]):
             self._row_position = initial_state[self.ROW_POSITION_KEY]
             # States saved before skip counting existed have no counts.
             self.skipped_rows.counts = dict(initial_state.get(self.SKIPPED_ROWS_KEY, {}))
+            self._unreported_skips = dict(initial_state.get(self.UNREPORTED_SKIPS_KEY, self._shard_skips()))
+            # States saved before this count existed are taken to be past a yielded sample.
+            self._yielded_in_epoch = initial_state.get(self.YIELDED_KEY, 1)
         else:
             self._epoch = self._next_pass_epoch if self.shuffle and not self.infinite else 0
             self._file_position = 0
             self._row_position = 0
+            self._unreported_skips = self._shard_skips()
+            self._yielded_in_epoch = 0
         self._next_pass_epoch = self._epoch + 1
+
+    def _shard_skips(self) -> Dict[str, int]:
+        return {f"shards/{reason}": count for reason, count in self.skipped_shards.counts.items()}
 
     def _check_state(self, state: Dict[str, Any]) -> None:
         saved = {key: state.get(key) for key in ("seed", "world_size", "rank", "paths")}
@@ -200,9 +222,17 @@ class ShardSource(BaseNode[Dict[str, Any]]):
     def next(self) -> Dict[str, Any]:
         while True:
             if self._file_position >= len(self.paths):
+                if self._yielded_in_epoch == 0:
+                    # Every row was skipped. An endless source would loop over the epochs forever.
+                    raise ValueError(
+                        f"Every row that rank {self.rank} of {self.world_size} read from {self.paths} in epoch "
+                        f"{self._epoch} was skipped as invalid, so there is no sample. Skips so far: "
+                        f"{self.skipped_rows.summary()}. Fix or drop the shards that the warnings above name."
+                    )
                 if not self.infinite:
                     raise StopIteration()
                 self._epoch += 1
+                self._yielded_in_epoch = 0
                 self._next_pass_epoch = self._epoch + 1
                 self._file_position = 0
                 self._row_position = 0
@@ -236,8 +266,12 @@ class ShardSource(BaseNode[Dict[str, Any]]):
                 if self.on_error == "raise":
                     raise
                 self.skipped_rows.record(error)
+                key = f"rows/{error.reason}"
+                self._unreported_skips[key] = self._unreported_skips.get(key, 0) + 1
                 continue
-            sample.update(shard=self._reader.path, row=row, epoch=self._epoch)
+            sample.update(shard=self._reader.path, row=row, epoch=self._epoch, skipped=self._unreported_skips)
+            self._unreported_skips = {}
+            self._yielded_in_epoch += 1
             return sample
 
     def get_state(self) -> Dict[str, Any]:
@@ -246,6 +280,8 @@ class ShardSource(BaseNode[Dict[str, Any]]):
             self.FILE_POSITION_KEY: self._file_position,
             self.ROW_POSITION_KEY: self._row_position,
             self.SKIPPED_ROWS_KEY: dict(self.skipped_rows.counts),
+            self.UNREPORTED_SKIPS_KEY: dict(self._unreported_skips),
+            self.YIELDED_KEY: self._yielded_in_epoch,
             "seed": self.seed,
             "world_size": self.world_size,
             "rank": self.rank,
