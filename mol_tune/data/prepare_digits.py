@@ -36,7 +36,8 @@ SUMMARY_FILE = "dataset.json"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Return the sha256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -67,7 +68,7 @@ def load_text_tokenizer(tokenizer_dir: str) -> Tuple[Tokenizer, str, str]:
             name_or_path = json.load(file).get("name_or_path")
         if name_or_path:
             name = os.path.basename(os.path.normpath(name_or_path))
-    return Tokenizer.from_file(path), name, _file_sha256(path)
+    return Tokenizer.from_file(path), name, file_sha256(path)
 
 
 def _settings(seed: int, num_codes: int, patch_size: int, validation_fraction: float, tokenizer_sha256: str) -> Dict:

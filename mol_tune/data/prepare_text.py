@@ -24,7 +24,6 @@ The defaults are the base model's folder ``<cache>/models/SmolLM2-135M-Instruct`
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mol_tune.cache import default_cache_dir
-from mol_tune.data.prepare_digits import load_text_tokenizer
+from mol_tune.data.prepare_digits import file_sha256, load_text_tokenizer
 from mol_tune.data.shards import FORMAT_VERSION, ShardInfo, ShardReader, ShardWriter
 from mol_tune.vocab import TEXT
 
@@ -127,11 +126,6 @@ def chunk_paragraph(paragraph: str, tokenizer: Tokenizer, max_tokens: int) -> Li
     return [chunk[i : i + max_tokens] for chunk in chunks for i in range(0, len(chunk), max_tokens)]
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.sha256(file.read()).hexdigest()
-
-
 def _settings(files: Sequence[str], seed: int, max_tokens: int, validation_fraction: float, tokenizer_sha256: str) -> Dict:
     return {
         "format_version": FORMAT_VERSION,
@@ -141,7 +135,7 @@ def _settings(files: Sequence[str], seed: int, max_tokens: int, validation_fract
         "max_tokens": max_tokens,
         "validation_fraction": validation_fraction,
         "text_tokenizer_sha256": tokenizer_sha256,
-        "sources": {os.path.basename(path): _file_sha256(path) for path in files},
+        "sources": {os.path.basename(path): file_sha256(path) for path in files},
     }
 
 

@@ -5,21 +5,13 @@ train silently on the wrong tokens. Shards record the sha256 of the ``tokenizer.
 them, so the check compares it with the base checkpoint folder's file.
 """
 
-import hashlib
 import os
 from typing import Any, Mapping
 
 from mol_tune.data.config import parse_data_config
+from mol_tune.data.prepare_digits import file_sha256
 from mol_tune.data.shards import read_shard_info
 from mol_tune.data.source import expand_shard_paths
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_text_tokenizer(data_section: Mapping[str, Any], tokenizer_dir: str) -> None:

@@ -292,6 +292,9 @@ class MoLFinetuneRecipe(FTRecipeInterface):
             for name, limit in curriculum["max_span_tokens"].items():
                 metrics[f"curriculum/max_{name}_tokens"] = limit
             metrics["curriculum/dropped_samples"] = curriculum["dropped_samples"]
+        # Running counts of shards, rows and samples the loader skipped, e.g. data/skipped/samples/too_long.
+        for reason, count in batch.get("skipped", {}).items():
+            metrics[f"data/skipped/{reason}"] = count
         return metrics
 
     def train(self) -> None:
