@@ -44,7 +44,7 @@ def read_scalars(log_dir: Path) -> dict:
     """Read torchtune's TensorBoard scalars, which it writes as tensor summaries."""
     values = {}
     for events in log_dir.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events.parent))
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"tensors": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["tensors"]:
             values[tag] = {e.step: float(torch.tensor(e.tensor_proto.float_val)[0]) for e in accumulator.Tensors(tag)}
