@@ -16,6 +16,7 @@ A section looks like this (paths may use ``~`` and ``$VARS``)::
       eos_id: 0
       pad_id: 2
       on_too_long: skip
+      split_text_samples: false   # or true: cut text-only samples across sequences instead of skipping long ones
       on_error: raise     # or skip: leave out unreadable shards and invalid rows, counted in batch["skipped"]
 
 A section with top-level ``train`` and ``validation`` lists instead of ``datasets`` is read as
@@ -39,8 +40,8 @@ LEGACY_DATASET_NAME = "default"
 
 _SECTION_KEYS = {
     "datasets", "train", "validation", "token_shares", "on_unreachable_shares", "curriculum", "seq_len",
-    "batch_size", "bos_id", "eos_id", "pad_id", "on_too_long", "on_error", "shuffle_segments", "num_workers",
-    "prefetch_factor",
+    "batch_size", "bos_id", "eos_id", "pad_id", "on_too_long", "split_text_samples", "on_error", "shuffle_segments",
+    "num_workers", "prefetch_factor",
 }  # fmt: skip
 _DATASET_KEYS = {"name", "train", "validation"}
 
@@ -74,6 +75,7 @@ class DataConfig:
     eos_id: Optional[int] = None
     pad_id: int = 0
     on_too_long: str = "skip"
+    split_text_samples: bool = False
     on_error: str = "raise"
     shuffle_segments: bool = True
     num_workers: int = 0
@@ -146,6 +148,8 @@ def parse_data_config(section: Mapping[str, Any]) -> DataConfig:
     curriculum = {
         str(modality): build_schedule(spec) for modality, spec in (section.pop("curriculum", None) or {}).items()
     }
+    if not isinstance(section.get("split_text_samples", False), bool):
+        raise ValueError(f"Invalid data.split_text_samples: {section['split_text_samples']!r}. Use true or false.")
     if "on_error" in section and section["on_error"] not in ON_ERROR_POLICIES:
         raise ValueError(f"Invalid data.on_error: {section['on_error']!r}. Use one of {ON_ERROR_POLICIES}.")
     token_shares = section.pop("token_shares", None)
@@ -203,6 +207,7 @@ def build_training_loader(
         shuffle_segments=data.shuffle_segments,
         codebook_fingerprints=codebook_fingerprints,
         on_too_long=data.on_too_long,
+        split_text_samples=data.split_text_samples,
         on_error=data.on_error,
         num_workers=data.num_workers,
         prefetch_factor=data.prefetch_factor,
@@ -261,6 +266,7 @@ def build_validation_loaders(
             shuffle_segments=data.shuffle_segments,
             codebook_fingerprints=codebook_fingerprints,
             on_too_long=data.on_too_long,
+            split_text_samples=data.split_text_samples,
             on_error=data.on_error,
             num_workers=data.num_workers,
             prefetch_factor=data.prefetch_factor,

@@ -6,7 +6,7 @@ The nodes of a training mixture run in this order::
     Mapper                    SampleBuilder: segment order, delimiters, codes -> vocabulary ids, BOS/EOS
     MultiNodeWeightedSampler  draws the next sample's data set with weights set by token shares
     SpanLengthFilter          (with a curriculum) drops samples with spans above the current maximum
-    Packer                    whole samples into sequences of seq_len tokens, never cutting a sample
+    Packer                    samples into sequences of seq_len tokens, cutting only text-only samples, if allowed
     Batcher + Mapper          collate_packed: LongTensors [b, s] and the attention mask [b, s, s]
     CurriculumClock           (with a curriculum) moves the filter's step, reports it in the batch
     Prefetcher                builds the next batches in a background thread
@@ -102,6 +102,7 @@ def build_dataloader(
     drop_last: bool = False,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_too_long: str = "skip",
+    split_text_samples: bool = False,
     on_error: str = "raise",
     num_workers: int = 0,
     prefetch_factor: int = 2,
@@ -138,7 +139,10 @@ def build_dataloader(
         drop_last (bool): drop a final batch with fewer than ``batch_size`` rows. Default: False.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. A shard made with another codebook raises. None skips the check. Default: None.
-        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len`` that is
+            not cut. Default: "skip".
+        split_text_samples (bool): let text-only samples be cut across sequences, so they are never
+            too long. Samples with a non-text span are never cut (see ``Packer``). Default: False.
         on_error (str): ``"raise"`` or ``"skip"`` for an unreadable or invalid shard or row (see
             ``ShardSource``). Default: "raise".
         num_workers (int): threads that build samples, or 0 to build them in the loader's thread. Default: 0.
@@ -176,15 +180,20 @@ def build_dataloader(
     # unevenly and packing depends on sample lengths. Training should use infinite=True, and one-pass
     # evaluation must not assume equal batch counts across ranks.
     name = name or f"shards {paths}"
-    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, drop_last, name)
-    return _loader(node, prefetch_factor)
+    packer = Packer(
+        samples,
+        seq_len=seq_len,
+        pad_id=pad_id,
+        on_too_long=on_too_long,
+        name=name,
+        split_text_samples=split_text_samples,
+        layout=layout,
+    )
+    return _loader(_batches(packer, batch_size, drop_last), prefetch_factor)
 
 
-def _packed_batches(
-    samples: BaseNode, seq_len: int, pad_id: int, on_too_long: str, batch_size: int, drop_last: bool, name: str
-) -> BaseNode:
-    node: BaseNode = Packer(samples, seq_len=seq_len, pad_id=pad_id, on_too_long=on_too_long, name=name)
-    node = Batcher(node, batch_size=batch_size, drop_last=drop_last)
+def _batches(packer: Packer, batch_size: int, drop_last: bool) -> BaseNode:
+    node = Batcher(packer, batch_size=batch_size, drop_last=drop_last)
     return Mapper(node, collate_packed)
 
 
@@ -213,6 +222,7 @@ def build_mixture_dataloader(
     shuffle_segments: bool = True,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_too_long: str = "skip",
+    split_text_samples: bool = False,
     on_error: str = "raise",
     num_workers: int = 0,
     prefetch_factor: int = 2,
@@ -246,7 +256,10 @@ def build_mixture_dataloader(
         shuffle_segments (bool): randomise the segment order inside each sample. Default: True.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
             codebook. None skips the check. Default: None.
-        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len``. Default: "skip".
+        on_too_long (str): ``"skip"`` or ``"raise"`` for a sample longer than ``seq_len`` that is
+            not cut. Default: "skip".
+        split_text_samples (bool): let text-only samples be cut across sequences, so they are never
+            too long. Samples with a non-text span are never cut (see ``Packer``). Default: False.
         on_error (str): ``"raise"`` or ``"skip"`` for an unreadable or invalid shard or row, in the
             token count of ``measure_dataset_profile`` and in the reader (see ``ShardSource``). Default: "raise".
         num_workers (int): threads that build each data set's samples, or 0 for none. Default: 0.
@@ -265,6 +278,9 @@ def build_mixture_dataloader(
     if batch_size <= 0:
         raise ValueError(f"Invalid batch_size: {batch_size}. It must be positive.")
     schedules = dict(max_span_schedules or {})
+    # NOTE: the profiles leave out every sample longer than seq_len, also the text-only ones that
+    # split_text_samples lets training see. With such samples the expected shares are off, and a
+    # data set of only such samples raises as if none fitted.
     final_spans = {name: schedule.final_value for name, schedule in schedules.items()}
     profiles = [
         measure_dataset_profile(
@@ -311,8 +327,16 @@ def build_mixture_dataloader(
     span_filter = None
     if schedules:
         samples = span_filter = SpanLengthFilter(samples, layout, schedules)
-    name = f"the training mixture of data sets {list(nodes)}"
-    node = _packed_batches(samples, seq_len, pad_id, on_too_long, batch_size, False, name)
+    packer = Packer(
+        samples,
+        seq_len=seq_len,
+        pad_id=pad_id,
+        on_too_long=on_too_long,
+        name=f"the training mixture of data sets {list(nodes)}",
+        split_text_samples=split_text_samples,
+        layout=layout,
+    )
+    node = _batches(packer, batch_size, False)
     if span_filter is not None:
         # The clock must run in the thread that runs the filter, so below the Prefetcher.
         node = CurriculumClock(node, span_filter, batches_per_step)
