@@ -135,6 +135,28 @@ def test_profile_matches_loop(datasets):
     np.testing.assert_allclose(profile.mean_tokens, np.mean(admitted, axis=0), rtol=1e-12)
 
 
+def test_profile_keeps_long_text_when_split(tmp_path):
+    samples = [
+        [("text", [5, 6, 7])],
+        [("text", list(range(10, 10 + SEQ_LEN + 9)))],
+        [("text", [5, 6])] + [("image", list(range(8)) * 9)],
+    ]
+    path = str(tmp_path / "long_text.parquet")
+    with ShardWriter(path, INFO) as writer:
+        for sample_id, segments in enumerate(samples):
+            writer.write(sample_id, segments)
+
+    profile = measure_dataset_profile(
+        "long_text", [path], LAYOUT, eos_id=EOS, max_sample_tokens=SEQ_LEN, keep_long_text_samples=True
+    )
+    admitted = [reference_counts(samples[0]), reference_counts(samples[1])]
+    assert sum(admitted[1]) > SEQ_LEN
+    assert sum(reference_counts(samples[2])) > SEQ_LEN
+    assert profile.num_samples == 2
+    assert profile.num_excluded == 1
+    np.testing.assert_allclose(profile.mean_tokens, np.mean(admitted, axis=0), rtol=1e-12)
+
+
 def test_profile_span_limit_excludes(datasets):
     paths, by_id = datasets["speech"]
     profile = measure_dataset_profile("speech", paths, LAYOUT, eos_id=EOS, max_span_tokens={"speech": 20})

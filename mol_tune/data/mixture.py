@@ -187,6 +187,7 @@ def measure_dataset_profile(
     bos_id: Optional[int] = None,
     eos_id: Optional[int] = None,
     max_sample_tokens: Optional[int] = None,
+    keep_long_text_samples: bool = False,
     max_span_tokens: Optional[Mapping[str, int]] = None,
     codebook_fingerprints: Optional[Mapping[str, str]] = None,
     on_error: str = "raise",
@@ -217,6 +218,8 @@ def measure_dataset_profile(
         bos_id (Optional[int]): BOS id put before each sample, or None. Default: None.
         eos_id (Optional[int]): EOS id put after each sample, or None. Default: None.
         max_sample_tokens (Optional[int]): leave out samples longer than this (``seq_len``). Default: None.
+        keep_long_text_samples (bool): keep text-only samples longer than ``max_sample_tokens``,
+            because ``split_text_samples`` packs them in pieces. Default: False.
         max_span_tokens (Optional[Mapping[str, int]]): modality -> longest admitted span in codes
             (the curriculum's final maximum). Default: None.
         codebook_fingerprints (Optional[Mapping[str, str]]): modality -> fingerprint of the model's
@@ -246,7 +249,11 @@ def measure_dataset_profile(
     admitted = counts.sum(axis=1) > 0
     counts[:, 0] += (bos_id is not None) + (eos_id is not None)
     if max_sample_tokens is not None:
-        admitted &= counts.sum(axis=1) <= max_sample_tokens
+        fits = counts.sum(axis=1) <= max_sample_tokens
+        if keep_long_text_samples:
+            # The packer cuts text-only samples across sequences instead of dropping them.
+            fits |= counts[:, 1:].sum(axis=1) == 0
+        admitted &= fits
     for modality, limit in (max_span_tokens or {}).items():
         admitted &= longest[:, names.index(modality)] <= limit
 

@@ -278,9 +278,6 @@ def build_mixture_dataloader(
     if batch_size <= 0:
         raise ValueError(f"Invalid batch_size: {batch_size}. It must be positive.")
     schedules = dict(max_span_schedules or {})
-    # NOTE: the profiles leave out every sample longer than seq_len, also the text-only ones that
-    # split_text_samples lets training see. With such samples the expected shares are off, and a
-    # data set of only such samples raises as if none fitted.
     final_spans = {name: schedule.final_value for name, schedule in schedules.items()}
     profiles = [
         measure_dataset_profile(
@@ -290,6 +287,7 @@ def build_mixture_dataloader(
             bos_id=bos_id,
             eos_id=eos_id,
             max_sample_tokens=seq_len,
+            keep_long_text_samples=split_text_samples,
             max_span_tokens=final_spans,
             codebook_fingerprints=codebook_fingerprints,
             on_error=on_error,
