@@ -37,3 +37,15 @@ def test_other_tokenizer_names_shard(tmp_path):
     write_shard(tmp_path / "b.parquet", other)
     with pytest.raises(ValueError, match=r"b\.parquet of data set 'prose' was tokenized with 'some-tokenizer'"):
         check_text_tokenizer(section(tmp_path / "b.parquet"), str(folder))
+
+
+def test_unreadable_shard_follows_on_error(tmp_path):
+    from mol_tune.data.shards import ShardError
+
+    folder, _ = make_base_folder(tmp_path, b'{"model": "a"}')
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    data = section(broken)
+    with pytest.raises(ShardError, match="broken.parquet"):
+        check_text_tokenizer(data, str(folder))
+    check_text_tokenizer({**data, "on_error": "skip"}, str(folder))

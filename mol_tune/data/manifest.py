@@ -52,8 +52,9 @@ def _suffix(path: str) -> str:
 def _check_fields(fields: Dict[str, Any], required: Sequence[str], where: str) -> Optional[BadInputError]:
     missing = [name for name in required if fields.get(name) is None]
     if missing:
+        present = sorted(name for name, value in fields.items() if value is not None)
         return BadInputError(
-            f"Invalid row at {where}: fields {missing} are missing; the row has {sorted(fields)}. "
+            f"Invalid row at {where}: fields {missing} are missing; the row has {present}. "
             "Fill them in or remove the row.",
             bad_input.INVALID_ROW,
         )
@@ -81,8 +82,22 @@ def _iter_table(path: str, required: Sequence[str]) -> Iterator[RawItem]:
         # csv counts physical lines read so far, so a row starts one line after the previous row ended.
         start_line = reader.line_num + 1
         for row in reader:
+            where = f"{path}:{start_line}"
             fields = {key: value for key, value in row.items() if key is not None}
-            error = _check_fields(fields, required, f"{path}:{start_line}")
+            error = _check_fields(fields, required, where)
+            if error is None and None in row:
+                error = BadInputError(
+                    f"Invalid row at {where}: it has {len(row[None])} more fields than the header "
+                    f"{columns}. Quote values that contain the delimiter, or remove the extra fields.",
+                    bad_input.INVALID_ROW,
+                )
+            if error is None and reader.line_num > start_line:
+                # A quoted value may hold a line break, but an unclosed quote swallows every row after it.
+                error = BadInputError(
+                    f"Invalid row at {where}: it runs over lines {start_line} to {reader.line_num}. Close the "
+                    "quote that opens on its first line, or remove the line breaks inside its values.",
+                    bad_input.INVALID_ROW,
+                )
             yield RawItem(index, start_line, {} if error else fields, error)
             index += 1
             start_line = reader.line_num + 1

@@ -10,14 +10,15 @@ from typing import Any, Mapping
 
 from mol_tune.data.config import parse_data_config
 from mol_tune.data.prepare_digits import file_sha256
-from mol_tune.data.shards import read_shard_info
+from mol_tune.data.shards import ShardError, read_shard_info
 from mol_tune.data.source import expand_shard_paths
 
 
 def check_text_tokenizer(data_section: Mapping[str, Any], tokenizer_dir: str) -> None:
     """Raise ValueError if a shard of the ``data:`` section was tokenized with another tokenizer.
 
-    Shards that record no tokenizer hash, and base folders without ``tokenizer.json``, are not checked.
+    Shards that record no tokenizer hash, and base folders without ``tokenizer.json``, are not
+    checked. An unreadable shard raises ``ShardError`` unless ``data.on_error`` is ``"skip"``.
 
     Args:
         data_section (Mapping[str, Any]): the config's ``data:`` section.
@@ -33,7 +34,12 @@ def check_text_tokenizer(data_section: Mapping[str, Any], tokenizer_dir: str) ->
     data = parse_data_config(data_section)
     for dataset in data.datasets:
         for path in expand_shard_paths(list(dataset.train) + list(dataset.validation)):
-            info = read_shard_info(path)
+            try:
+                info = read_shard_info(path)
+            except ShardError:
+                if data.on_error == "skip":
+                    continue  # The loaders skip and count this shard.
+                raise
             if info.text_tokenizer_sha256 and info.text_tokenizer_sha256 != expected:
                 raise ValueError(
                     f"Shard {path} of data set {dataset.name!r} was tokenized with {info.text_tokenizer!r} "

@@ -207,6 +207,13 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         self.train_loader.load_state_dict(state["train_loader"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if "modality_tokens" in state:
+            self.modality_tokens = state["modality_tokens"].clone()
+        if self.step > self.max_steps:
+            raise ValueError(
+                f"Invalid max_steps: {self.max_steps} is below step {self.step} of {checkpoint_dir}. "
+                "Raise max_steps to continue the run."
+            )
         log.info(f"Resumed from {checkpoint_dir} at step {self.step}")
 
     def save_checkpoint(self, final: bool = False) -> Path:
@@ -225,6 +232,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "train_loader": self.train_loader.state_dict(),
             "rng": torch.get_rng_state(),
+            "modality_tokens": self.modality_tokens.clone(),
         }
         temporary = checkpoint_dir / (RECIPE_STATE_FILE + ".tmp")
         torch.save(state, temporary)
@@ -280,7 +288,7 @@ class MoLFinetuneRecipe(FTRecipeInterface):
         return losses
 
     def token_shares(self) -> Dict[str, float]:
-        """Return each modality's share of the tokens trained on since this process started."""
+        """Return each modality's share of the tokens trained on so far in this run, resumes included."""
         total = max(int(self.modality_tokens.sum()), 1)
         return {name: int(count) / total for name, count in zip(self.modality_names, self.modality_tokens)}
 
@@ -378,9 +386,8 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.train()
     if recipe.step > start_step:
         recipe.save_checkpoint(final=True)
-    summary_path = recipe.output_dir / "summary.json"
-    summary = {"step": recipe.step, "final_train_loss": recipe.final_losses, "token_shares": recipe.token_shares()}
-    summary_path.write_text(json.dumps(summary, indent=2))
+        summary = {"step": recipe.step, "final_train_loss": recipe.final_losses, "token_shares": recipe.token_shares()}
+        (recipe.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     recipe.cleanup()
 
 
