@@ -158,6 +158,15 @@ def parse_data_config(section: Mapping[str, Any]) -> DataConfig:
     return DataConfig(datasets=datasets, curriculum=curriculum, token_shares=token_shares, **section)
 
 
+def _loader_settings(data: DataConfig) -> Dict[str, Any]:
+    """Return the ``data:`` settings that the training and validation loaders share, as keyword arguments."""
+    names = (
+        "seq_len", "batch_size", "bos_id", "eos_id", "pad_id", "shuffle_segments", "on_too_long",
+        "split_text_samples", "on_error", "num_workers", "prefetch_factor",
+    )
+    return {name: getattr(data, name) for name in names}
+
+
 def build_training_loader(
     section: Mapping[str, Any],
     layout: VocabularyLayout,
@@ -196,21 +205,11 @@ def build_training_loader(
         on_unreachable_shares=data.on_unreachable_shares,
         max_span_schedules=data.curriculum,
         batches_per_step=batches_per_step,
-        seq_len=data.seq_len,
-        batch_size=data.batch_size,
         seed=seed,
-        bos_id=data.bos_id,
-        eos_id=data.eos_id,
-        pad_id=data.pad_id,
         rank=rank,
         world_size=world_size,
-        shuffle_segments=data.shuffle_segments,
         codebook_fingerprints=codebook_fingerprints,
-        on_too_long=data.on_too_long,
-        split_text_samples=data.split_text_samples,
-        on_error=data.on_error,
-        num_workers=data.num_workers,
-        prefetch_factor=data.prefetch_factor,
+        **_loader_settings(data),
     )
 
 
@@ -253,24 +252,14 @@ def build_validation_loaders(
         loaders[dataset.name] = build_dataloader(
             list(dataset.validation),
             layout,
-            seq_len=data.seq_len,
-            batch_size=data.batch_size,
             seed=seed,
-            bos_id=data.bos_id,
-            eos_id=data.eos_id,
-            pad_id=data.pad_id,
             rank=rank,
             world_size=world_size,
             infinite=False,
             shuffle=False,
-            shuffle_segments=data.shuffle_segments,
             codebook_fingerprints=codebook_fingerprints,
-            on_too_long=data.on_too_long,
-            split_text_samples=data.split_text_samples,
-            on_error=data.on_error,
-            num_workers=data.num_workers,
-            prefetch_factor=data.prefetch_factor,
             name=f"the validation split of data set {dataset.name!r}",
+            **_loader_settings(data),
         )
     return loaders
 
