@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 TEXT = "text"
 
-# Delimiter names for the modalities the project knows. Another modality gets <name> and </name>.
+# Delimiters of the built-in modalities. Any other modality gets <name> and </name>.
 _DEFAULT_DELIMITERS = {"image": ("<img>", "</img>"), "speech": ("<speech>", "</speech>")}
 
 

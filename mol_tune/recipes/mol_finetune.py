@@ -1,8 +1,8 @@
 """Recipe: fine-tune a frozen text LLM on multimodal token data with Mixture-of-LoRA.
 
 Run with ``tune run mol_tune/recipes/mol_finetune --config <yaml>`` (or ``mol-tune run``).
-Trains the per-modality adapters, norms and the extended embeddings; logs loss in total and
-per modality of the target token, for training and validation, to TensorBoard.
+Trains the per-modality adapters, norms and the extended embeddings. Loss is logged to
+TensorBoard in total and per modality of the target token, for training and validation.
 """
 
 import json
